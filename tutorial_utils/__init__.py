@@ -1,0 +1,12 @@
+"""Helpers for the l2r-discrete tutorial on discrete deep learning image registration.
+
+Layers (nothing imports upward):
+
+* building blocks, importing nothing of ours: ``environment``, ``correlation``,
+  ``regularisation``, ``transform``, ``metrics``, ``features``, ``models``, ``phantom``
+* composing them: ``registration``, ``data``, ``plotting``
+* above those: ``train``, ``widgets``
+* on top: ``benchmark``, ``exercises``
+"""
+
+__version__ = "0.1.0"
