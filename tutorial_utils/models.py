@@ -41,3 +41,48 @@ class FeatureCNN(nn.Sequential):
         if image.shape[-2] % 4 or image.shape[-1] % 4:
             raise ValueError(f"H and W must be divisible by 4, got {tuple(image.shape[-2:])}")
         return super().forward(image)
+
+
+MINDNET_ALLOWED_CLASSES = (nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.PReLU, nn.Sigmoid)
+"""The only classes a pickled MIND-net file may contain."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds something other than what is allowed; it was not loaded."""
+
+
+def load_mindnet(path) -> FeatureCNN:
+    """Load the 2019 tutorial's pretrained ``mindnet_cnn_pancreas.pth`` safely.
+
+    The file is a whole pickled ``nn.Sequential``. It is unpickled with ``weights_only=True``
+    and an allowlist of exactly the torch.nn classes of that architecture
+    (:data:`MINDNET_ALLOWED_CLASSES`), so no other code can run; its weights are then copied
+    into a fresh :class:`FeatureCNN`. Anything else raises :class:`UnsafeCheckpointError`.
+    """
+    try:
+        with torch.serialization.safe_globals(list(MINDNET_ALLOWED_CLASSES)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # the unpickler refused a global, or the file is not a checkpoint
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it is not a pickled MIND-net made only of "
+            f"{', '.join(c.__name__ for c in MINDNET_ALLOWED_CLASSES)} ({first_line})"
+        ) from exc
+    model = FeatureCNN()
+    if isinstance(obj, dict):  # a plain state_dict is fine too
+        state = obj
+    elif isinstance(obj, nn.Sequential):
+        got = [type(m).__name__ for m in obj]
+        want = [type(m).__name__ for m in model]
+        if got != want:
+            raise UnsafeCheckpointError(f"{path} holds layers {got}, expected the MIND-net layers {want}")
+        state = obj.state_dict()
+    else:
+        raise UnsafeCheckpointError(f"{path} holds a {type(obj).__name__}, expected an nn.Sequential MIND-net")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UnsafeCheckpointError(f"{path}: weights do not fit the MIND-net architecture ({exc})") from exc
+    return model.eval()

@@ -1,0 +1,355 @@
+"""The data layer: download (against a local HTTP server), validation, atomic writes, safe unpickling."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tutorial_utils import data
+from tutorial_utils.models import FeatureCNN, UnsafeCheckpointError, load_mindnet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def _small_set(n: int = data.NUM_SLICES, h: int = 16, w: int = 20, max_label: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, h, w), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, max_label + 1, (n, h, w), generator=gen, dtype=torch.uint8)
+    return images, labels
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archives():
+    images, labels = _small_set()
+    good = _zip({
+        "Learn2Reg/tcia_prereg_2d_img.pth": _tensor_bytes(images),
+        "Learn2Reg/tcia_prereg_2d_seg.pth": _tensor_bytes(labels),
+        "Learn2Reg/learn2reg_discrete.py": b"print('never extracted')\n",
+    })
+    wrong_count = _zip({
+        "Learn2Reg/tcia_prereg_2d_img.pth": _tensor_bytes(images[:42]),
+        "Learn2Reg/tcia_prereg_2d_seg.pth": _tensor_bytes(labels[:42]),
+    })
+    bad_labels = _zip({
+        "Learn2Reg/tcia_prereg_2d_img.pth": _tensor_bytes(images),
+        "Learn2Reg/tcia_prereg_2d_seg.pth": _tensor_bytes(labels.clone().fill_(9)),
+    })
+    escaping = _zip({
+        "../../outside/tcia_prereg_2d_img.pth": _tensor_bytes(images),
+        "/abs/tcia_prereg_2d_seg.pth": _tensor_bytes(labels),
+    })
+    return {
+        "/good.zip": good,
+        "/truncated.zip": good[: len(good) // 2],
+        "/wrong_count.zip": wrong_count,
+        "/bad_labels.zip": bad_labels,
+        "/escaping.zip": escaping,
+        "/not_a_zip.zip": b"<html>a login page, not an archive</html>",
+        "_images": images,
+        "_labels": labels,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(archives):
+    """An HTTP server on 127.0.0.1 serving the archives built above (404 for anything else)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            payload = archives.get(self.path)
+            if payload is None or self.path.startswith("_"):
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder, no Kaggle mount, no URL override."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(data.CACHE_ENV_VAR, str(folder))
+    monkeypatch.delenv(data.URL_ENV_VAR, raising=False)
+    monkeypatch.delenv(data.SOURCE_ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "KAGGLE_DIR", tmp_path / "no-kaggle")
+    return folder
+
+
+download = functools.partial(data.download_tcia, retries=0, timeout=10, progress=False)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_good_archive_downloads_validates_and_loads(server, cache, archives):
+    folder = download(url=server + "/good.zip")
+    assert folder == cache / "Learn2Reg"
+    assert _leftovers(cache) == ["Learn2Reg"]  # no temp folders, no archive left behind
+    assert sorted(p.name for p in folder.iterdir()) == [data.IMAGE_FILE, data.LABEL_FILE]  # the .py is not extracted
+    ds = data.load_dataset("tcia")
+    assert ds.source == "tcia" and len(ds) == 43
+    assert ds.images.dtype == torch.float32 and ds.images.shape == (43, 1, 16, 20)
+    assert torch.allclose(ds.images[:, 0], archives["_images"].float() / 255)
+    assert torch.equal(ds.labels, archives["_labels"].long())
+    assert ds.test_ids == (35, 41, 0, 4, 33, 38, 39, 17)
+    assert sorted(ds.train_ids + ds.test_ids) == list(range(43))
+    assert ds.label_names[1] == "spleen" and ds.label_names[7] == "pancreas" and ds.num_labels == 9
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/truncated.zip", "truncated"),
+    ("/not_a_zip.zip", "broken or truncated"),
+    ("/wrong_count.zip", "must hold 43 slices, found 42"),
+    ("/bad_labels.zip", "values must lie in 0..8, found 9..9"),
+    ("/missing.zip", "could not download"),
+])
+def test_bad_download_says_why_and_leaves_nothing(server, cache, path, message):
+    with pytest.raises(data.DataError, match=message.replace(".", r"\.")):
+        download(url=server + path)
+    assert _leftovers(cache) == []
+
+
+def test_failed_download_keeps_an_earlier_good_copy(server, cache):
+    download(url=server + "/good.zip")
+    with pytest.raises(data.DataError):
+        download(url=server + "/wrong_count.zip")
+    assert data.read_slices(cache / "Learn2Reg")[0].shape[0] == 43
+
+
+def test_archive_paths_cannot_escape_the_cache(server, cache, tmp_path):
+    folder = download(url=server + "/escaping.zip")
+    assert (folder / data.IMAGE_FILE).is_file()
+    assert not (tmp_path / "outside").exists() and not Path("/abs").exists()
+
+
+def test_url_comes_from_the_environment(server, cache, monkeypatch):
+    monkeypatch.setenv(data.URL_ENV_VAR, server + "/good.zip")
+    assert download().name == "Learn2Reg"
+
+
+def test_auto_falls_back_to_the_phantom_in_one_line(server, cache, monkeypatch, capsys):
+    monkeypatch.setenv(data.URL_ENV_VAR, server + "/truncated.zip")
+    ds = data.load_dataset("auto", download=True)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert ds.source == "synthetic"
+    assert len(out) == 1 and "synthetic phantom" in out[0] and "truncated" in out[0]
+    assert not (cache / "Learn2Reg").exists()
+
+
+def test_tcia_without_data_is_a_clear_error(cache):
+    with pytest.raises(data.DataError, match="data_download.py"):
+        data.load_dataset("tcia")
+
+
+# --------------------------------------------------------------------------- where data is found
+
+
+def _write_set(folder: Path, images, labels) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(images, folder / data.IMAGE_FILE)
+    torch.save(labels, folder / data.LABEL_FILE)
+    return folder
+
+
+def test_search_order_root_then_kaggle_then_cache(tmp_path, cache, monkeypatch):
+    kaggle = tmp_path / "kaggle"
+    monkeypatch.setattr(data, "KAGGLE_DIR", kaggle)
+    _write_set(cache / "Learn2Reg", *_small_set(seed=1))
+    assert data.find_tcia() == cache / "Learn2Reg"
+    _write_set(kaggle, *_small_set(seed=2))
+    assert data.find_tcia() == kaggle
+    mine = _write_set(tmp_path / "mine" / "Learn2Reg", *_small_set(seed=3))
+    assert data.find_tcia(tmp_path / "mine") == mine
+    expected = _small_set(seed=3)[0].float() / 255
+    found = data.load_dataset("auto", root=tmp_path / "mine")  # "auto" finds the real set first
+    assert found.source == "tcia" and torch.allclose(found.images[:, 0], expected)
+
+
+def test_images_with_a_channel_axis_are_accepted(tmp_path, cache):
+    images, labels = _small_set()
+    _write_set(tmp_path / "set", images.unsqueeze(1), labels.unsqueeze(1))
+    assert data.load_dataset("tcia", root=tmp_path / "set").images.shape == (43, 1, 16, 20)
+
+
+def test_float_images_on_disk_are_rejected(tmp_path, cache):
+    images, labels = _small_set()
+    _write_set(tmp_path / "set", images.float(), labels)
+    with pytest.raises(data.DataError, match="uint8"):
+        data.load_dataset("tcia", root=tmp_path / "set")
+
+
+def test_unknown_source_is_a_value_error():
+    with pytest.raises(ValueError, match="'auto', 'tcia' or 'synthetic'"):
+        data.load_dataset("kaggle")
+
+
+# --------------------------------------------------------------------------- the phantom through the data layer
+
+
+def test_synthetic_set_is_written_once_atomically_and_read_back(cache):
+    ds = data.load_dataset("synthetic", seed=5)
+    folder = cache / "synthetic-seed5"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.txt", data.IMAGE_FILE, data.LABEL_FILE]
+    assert [p.name for p in cache.iterdir()] == ["synthetic-seed5"]  # no temp folder left
+    stamp = (folder / data.IMAGE_FILE).stat().st_mtime_ns
+    again = data.load_dataset("synthetic", seed=5)
+    assert (folder / data.IMAGE_FILE).stat().st_mtime_ns == stamp  # read back, not rebuilt
+    assert torch.equal(ds.images, again.images) and torch.equal(ds.labels, again.labels)
+    assert ds.source == "synthetic" and len(ds) == 43 and ds.num_labels == 9
+    assert ds.images.min() >= 0 and ds.images.max() <= 1
+
+
+def test_data_download_cli_builds_the_phantom(tmp_path):
+    dest = tmp_path / "phantom"
+    run = subprocess.run([sys.executable, str(REPO / "data_download.py"), "--synthetic", "--seed", "3",
+                          "--dest", str(dest)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "seed 3" in run.stdout
+    ds = data.load_dataset("synthetic", root=dest)
+    assert ds.images.shape[0] == 43
+
+
+def test_data_download_cli_without_fallback_fails_clearly(server, tmp_path):
+    env = {**os.environ, data.CACHE_ENV_VAR: str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(REPO / "data_download.py"), "--no-fallback",
+                          "--url", server + "/missing.zip", "--dest", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1
+    assert "could not download" in run.stderr and "Traceback" not in run.stderr
+
+
+# --------------------------------------------------------------------------- your own slices
+
+
+def test_from_arrays_accepts_any_label_count_and_size():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 24, 32), dtype=np.uint8)
+    labels = rng.integers(0, 4, (6, 24, 32))
+    ds = data.Dataset.from_arrays(images, labels, ["bg", "a", "b", "c"], [0, 1, 2, 3], [4, 5])
+    assert ds.num_labels == 4 and ds.image_size == (24, 32)
+    assert ds.test_pairs() == [(4, 5), (5, 4)]
+    assert np.allclose(ds.images[:, 0].numpy(), images / 255.0)
+    assert set(ds.organs_present(0)) <= {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(images=np.zeros((2, 10, 32), np.uint8), labels=np.zeros((2, 10, 32), int)), "divisible by 4"),
+    (dict(labels=np.full((2, 8, 8), 3)), r"0\.\.2"),
+    (dict(images=np.full((2, 8, 8), 2.0)), r"\[0, 1\]"),
+    (dict(images=np.zeros((2, 8, 8), np.int32)), "uint8 or float"),
+    (dict(labels=np.zeros((2, 8, 4), int)), "to match the images"),
+    (dict(labels=np.zeros((2, 8, 8), float)), "integer"),
+    (dict(test_ids=[0]), "disjoint"),
+    (dict(test_ids=[7]), "indices in 0..1"),
+    (dict(images=np.zeros((8, 8), np.uint8)), r"\[N, H, W\]"),
+])
+def test_from_arrays_rejects_bad_input_clearly(change, message):
+    args = dict(images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros((2, 8, 8), int),
+                label_names=["bg", "a", "b"], train_ids=[0], test_ids=[1])
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        data.Dataset.from_arrays(**args)
+
+
+# --------------------------------------------------------------------------- the pickled MIND-net
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_mindnet_loads_through_the_allowlist(tmp_path):
+    torch.manual_seed(0)
+    reference = nn.Sequential(*[m for m in FeatureCNN()])  # the 2019 file is a plain nn.Sequential
+    for p in reference.parameters():
+        nn.init.normal_(p)
+    reference[1].running_mean.normal_()
+    torch.save(reference, tmp_path / "mindnet.pth")
+    model = load_mindnet(tmp_path / "mindnet.pth")
+    assert isinstance(model, FeatureCNN) and not model.training
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    x = torch.rand(1, 1, 32, 40)
+    assert torch.allclose(model(x), reference.eval()(x))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump(evil, f)
+    torch.save({"weights": evil}, tmp_path / "evil_in_torch.pth")
+    for name in ("evil.pth", "evil_in_torch.pth"):
+        with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+            load_mindnet(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_other_modules_are_refused(tmp_path):
+    torch.save(nn.Sequential(nn.LSTM(2, 2)), tmp_path / "lstm.pth")
+    with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        load_mindnet(tmp_path / "lstm.pth")
+    torch.save(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()), tmp_path / "short.pth")
+    with pytest.raises(UnsafeCheckpointError, match="expected the MIND-net layers"):
+        load_mindnet(tmp_path / "short.pth")
+
+
+def test_slice_files_with_pickled_code_are_refused(tmp_path, cache):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    folder = tmp_path / "set"
+    _write_set(folder, *_small_set())
+    torch.save(evil, folder / data.IMAGE_FILE)
+    with pytest.raises(data.DataError, match="not a readable torch tensor file"):
+        data.load_dataset("tcia", root=folder)
+    assert not marker.exists()

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# l2r-discrete: set up and run the tutorial, or its tests.
+#
+#   ./tutorial.sh              set up (virtual environment, package, data) and open JupyterLab on notebooks/
+#   ./tutorial.sh --headless   set up and execute every notebook without a browser (copies in build/notebooks/)
+#   ./tutorial.sh test         set up and run the tests: unit tests and every notebook through nbval
+#   ./tutorial.sh setup        set up only
+#
+# Environment: L2R_VENV (default .venv), TORCH_SPEC (default torch==2.13.*; an already
+# installed torch is never replaced), L2R_DATA_DIR (data cache), L2R_QUICK=1 (shorter training).
+set -euo pipefail
+cd "$(dirname "$0")"
+mode=${1:-lab}
+venv=${L2R_VENV:-.venv}
+torch_spec=${TORCH_SPEC:-torch==2.13.*}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "== creating the virtual environment $venv"
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+if ! python -c "import torch" 2>/dev/null; then
+  echo "== installing $torch_spec"
+  python -m pip install --quiet "$torch_spec"
+fi
+echo "== installing the tutorial package and its tools"
+python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+
+case "$mode" in
+  test)
+    # The tests and the stored notebook outputs are made on the synthetic phantom, so the
+    # test run never downloads and gives the same numbers on every machine.
+    export L2R_DATA_SOURCE=synthetic MPLBACKEND=agg
+    python data_download.py --synthetic
+    python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+      --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900 \
+      -p no:cacheprovider -q "${@:2}"
+    ;;
+  setup)
+    python data_download.py
+    ;;
+  --headless|headless)
+    python data_download.py
+    mkdir -p build/notebooks
+    for nb in notebooks/*.ipynb; do
+      echo "== running $nb"
+      jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1800 \
+        --output-dir build/notebooks "$nb"
+    done
+    echo "Executed notebooks are in build/notebooks/"
+    ;;
+  lab)
+    python data_download.py
+    root_flag=()
+    [ "$(id -u)" = 0 ] && root_flag=(--allow-root)
+    exec jupyter lab "${root_flag[@]}" notebooks/
+    ;;
+  *)
+    echo "unknown mode '$mode': use no argument, --headless, test or setup" >&2
+    exit 2
+    ;;
+esac
