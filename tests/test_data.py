@@ -235,9 +235,10 @@ def test_unknown_source_is_a_value_error():
 
 def test_synthetic_set_is_written_once_atomically_and_read_back(cache):
     ds = data.load_dataset("synthetic", seed=5)
-    folder = cache / "synthetic-seed5"
+    folder = data.synthetic_folder(seed=5)
+    assert folder.parent == cache and folder.name.endswith("-seed5")
     assert sorted(p.name for p in folder.iterdir()) == ["README.txt", data.IMAGE_FILE, data.LABEL_FILE]
-    assert [p.name for p in cache.iterdir()] == ["synthetic-seed5"]  # no temp folder left
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no temp folder left
     stamp = (folder / data.IMAGE_FILE).stat().st_mtime_ns
     again = data.load_dataset("synthetic", seed=5)
     assert (folder / data.IMAGE_FILE).stat().st_mtime_ns == stamp  # read back, not rebuilt

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .phantom import LABEL_NAMES, make_phantom
+from .phantom import LABEL_NAMES, PHANTOM_VERSION, make_phantom
 
 TCIA_URL = "https://cloud.imi.uni-luebeck.de/s/WnPcByW4zrDcrRA/download"
 """Where the 2019 tutorial's archive ``Learn2Reg.zip`` was published (no checksum is known)."""
@@ -339,7 +339,9 @@ def _extract_members(archive: Path, staging: Path) -> None:
 
 def synthetic_folder(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """Where the phantom set of ``seed`` is stored: ``root`` if given, else the cache."""
-    return Path(root).expanduser() if root is not None else cache_dir() / f"synthetic-seed{seed}"
+    if root is not None:
+        return Path(root).expanduser()
+    return cache_dir() / f"synthetic-v{PHANTOM_VERSION}-seed{seed}"
 
 
 def make_synthetic(dest: str | os.PathLike | None = None, seed: int = 0, overwrite: bool = False) -> Path:
@@ -355,7 +357,8 @@ def make_synthetic(dest: str | os.PathLike | None = None, seed: int = 0, overwri
         torch.save(images.contiguous(), staging / IMAGE_FILE)
         torch.save(labels.contiguous(), staging / LABEL_FILE)
         (staging / "README.txt").write_text(
-            f"Synthetic abdominal CT phantom, seed {seed}, made by tutorial_utils.phantom.make_phantom.\n"
+            f"Synthetic abdominal CT phantom v{PHANTOM_VERSION}, seed {seed}, made by "
+            "tutorial_utils.phantom.make_phantom.\n"
             "Same format as the 2019 tutorial's TCIA slices; not real patient data.\n")
         if final.exists() and any(final.iterdir()):
             # a user-given folder with other content: write the files in, one by one, atomically
