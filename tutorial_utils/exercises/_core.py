@@ -106,11 +106,9 @@ class Exercise:
             return CheckResult(self.name, ERROR, f"{type(exc).__name__}: {exc}")
         return CheckResult(self.name, CORRECT, self.success_message)
 
-    def check(self, answer) -> CheckResult:
-        """Check the learner's answer and show the feedback."""
-        result = self.evaluate(answer)
-        _show(result)
-        return result
+    def check(self, answer) -> None:
+        """Check the learner's answer and show the feedback (``evaluate`` returns it instead)."""
+        _show(self.evaluate(answer))
 
     def hint(self, level: int = 1) -> None:
         """Show hint number ``level`` (1 = gentle; higher levels say more)."""
