@@ -42,3 +42,49 @@ def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -
     """Mean Dice over the foreground labels present in either map (background excluded)."""
     per_label = dice(labels_a, labels_b, num_labels)[1:]
     return float(torch.nanmean(per_label)) if torch.isfinite(per_label).any() else float("nan")
+
+
+def _check_field(displacement: torch.Tensor) -> None:
+    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 4 or displacement.shape[1] != 2:
+        shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
+        raise ValueError(f"displacement must be [B, 2, H, W] with channels (dy, dx), got {shape}")
+    if not displacement.is_floating_point():
+        raise ValueError(f"displacement must be floating point, got {displacement.dtype}")
+    if displacement.shape[-2] < 2 or displacement.shape[-1] < 2:
+        raise ValueError(f"displacement needs at least 2 x 2 pixels, got {tuple(displacement.shape[-2:])}")
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of the map ``p -> p + u(p)`` at every pixel.
+
+    Args:
+        displacement: [B, 2, H, W], channels (dy, dx) in pixels.
+
+    Returns:
+        [B, H, W]: ``(1 + d(dy)/dy) * (1 + d(dx)/dx) - d(dy)/dx * d(dx)/dy`` with central
+        differences inside and one-sided differences at the border (``torch.gradient``), so
+        it is exact for affine maps. 1 = volume kept, < 1 shrinks, > 1 grows,
+        <= 0 = folding (the map is not invertible there).
+    """
+    _check_field(displacement)
+    ddy_dy, ddy_dx = torch.gradient(displacement[:, 0], dim=(1, 2))  # each [B, H, W]
+    ddx_dy, ddx_dx = torch.gradient(displacement[:, 1], dim=(1, 2))
+    return (1 + ddy_dy) * (1 + ddx_dx) - ddy_dx * ddx_dy
+
+
+def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
+    """Fraction of pixels with a non-positive Jacobian determinant, per field: [B] in [0, 1]."""
+    return (jacobian_determinant(displacement) <= 0).flatten(1).double().mean(dim=1)
+
+
+def log_jacobian_std(displacement: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Standard deviation of ``log(det J)`` over the pixels, per field: [B].
+
+    0 for any rigid or uniformly scaled map; larger = rougher deformation. Determinants
+    below ``eps`` (folding) are clamped to ``eps`` so that one folded pixel does not give
+    an infinite value.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    log_det = jacobian_determinant(displacement).clamp_min(eps).log().flatten(1)
+    return log_det.double().std(dim=1)

@@ -306,3 +306,89 @@ def plot_correlation_benchmark(result: dict, axes=None, statistic: str = "median
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --- regularisation (notebook 03) ---
+
+
+def show_min_convolution(cost_grid, exact_grid, approx_grid, lam: float, row: int | None = None,
+                         titles: Sequence[str] | None = None):
+    """One pixel's D x D costs, their exact min-convolution and the 2019 approximation, as
+    images, and one row of each as curves with the parabolas whose lower envelope is exact.
+
+    Args:
+        cost_grid, exact_grid, approx_grid: [D, D] (row = dy index, column = dx index).
+        lam: the parabola curvature of the exact version (cost units per pixel^2).
+        row: which dy row to draw as curves (default: the row of the smallest cost).
+    Returns the figure.
+    """
+    grids = [_as_numpy(g).astype(float) for g in (cost_grid, exact_grid, approx_grid)]
+    D = grids[0].shape[0]
+    r = (D - 1) // 2
+    if row is None:
+        row = int(np.unravel_index(np.argmin(grids[0]), grids[0].shape)[0])
+    titles = titles or ("data cost", f"exact min-convolution (lambda = {lam:.3g})", "approximation (min, avg, avg)")
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
+    vmin, vmax = min(g.min() for g in grids), max(g.max() for g in grids)
+    for ax, grid, title in zip(axes[:3], grids, titles):
+        im = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, extent=(-r - 0.5, r + 0.5, r + 0.5, -r - 0.5))
+        ax.axhline(row - r, color="white", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("dx")
+        ax.set_ylabel("dy")
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    ax = axes[3]
+    offsets = np.arange(-r, r + 1)
+    fine = np.linspace(-r, r, 200)
+    for k, height in zip(offsets, grids[0][row]):
+        ax.plot(fine, height + lam * (fine - k) ** 2, color="grey", lw=0.6, alpha=0.5)
+    ax.plot(offsets, grids[0][row], "o", color="black", label="data cost")
+    ax.plot(offsets, grids[1][row], "-", color="tab:blue", lw=2, label="exact: lower envelope")
+    ax.plot(offsets, grids[2][row], "--", color="tab:orange", lw=2, label="approximation")
+    ax.set_ylim(vmin - 0.05 * (vmax - vmin), vmax + 0.1 * (vmax - vmin))
+    ax.set_xlabel(f"dx (row dy = {row - r})")
+    ax.set_ylabel("cost")
+    ax.set_title("one row: parabolas rooted at every displacement (grey)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def show_deformation_grid(ax, displacement, image=None, spacing: int = 8, title: str | None = None,
+                          color: str = "orange") -> None:
+    """The deformed grid of a displacement [1, 2, H, W] or [2, H, W] (image pixels) over ``image``.
+
+    Every ``spacing``-th row and column of the fixed image grid is drawn at the positions it
+    samples in the moving image, ``(y + dy, x + dx)``: where the lines cross over, the map folds.
+    """
+    disp = _as_numpy(displacement[0] if torch.is_tensor(displacement) and displacement.dim() == 4 else displacement)
+    H, W = disp.shape[-2:]
+    if image is not None:
+        show_overlay(ax, image)
+    ys, xs = np.mgrid[0:H, 0:W]
+    py, px = ys + disp[0], xs + disp[1]
+    for y in range(0, H, spacing):
+        ax.plot(px[y, :], py[y, :], color=color, lw=0.7)
+    for x in range(0, W, spacing):
+        ax.plot(px[:, x], py[:, x], color=color, lw=0.7)
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def show_jacobian(ax, jacobian, title: str | None = None, vmax: float = 2.0):
+    """A Jacobian determinant map [H, W] (or [1, H, W]): blue shrinks, red grows, 1 is white,
+    folded pixels (det <= 0) black. Returns the image artist (for a colour bar)."""
+    from matplotlib.colors import ListedColormap
+
+    jac = _as_numpy(jacobian).astype(float)
+    im = ax.imshow(jac, cmap="RdBu_r", vmin=2 - vmax, vmax=vmax, interpolation="nearest")
+    folded = np.ma.masked_where(jac > 0, np.ones_like(jac))
+    ax.imshow(folded, cmap=ListedColormap(["black"]), vmin=0, vmax=1, interpolation="nearest")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return im

@@ -1,0 +1,151 @@
+"""The composed pipeline: known shifts and affine maps are recovered, options behave, bad input fails."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tutorial_utils import metrics as M
+from tutorial_utils import registration as G
+from tutorial_utils import transform as T
+
+
+def blob_image(H=64, W=80, seed=0, inside=True):
+    """A smooth textured ellipse on a dark background: an abdomen in miniature."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    body = (((ys - H / 2) / (0.33 * H)) ** 2 + ((xs - W / 2) / (0.4 * W)) ** 2 < 1).float()
+    texture = F.interpolate(torch.rand(1, 1, H // 8, W // 8, generator=g), size=(H, W), mode="bicubic",
+                            align_corners=False)[0, 0]
+    image = body * (0.3 + 0.6 * texture.clamp(0, 1))
+    if not inside:
+        return image[None, None]
+    return F.avg_pool2d(F.pad(image[None, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+def shifted(image, dy, dx):
+    """moving with moving[y, x] = image[y - dy, x - dx]: registering it back needs (dy, dx)."""
+    H, W = image.shape[-2:]
+    return T.warp(image, T.translation_displacement(torch.tensor([[-float(dy), -float(dx)]]), (H, W)))
+
+
+@pytest.mark.parametrize("features", ["intensity", "mind"])
+def test_recovers_a_translation_within_the_search_range(features):
+    fixed = blob_image()
+    moving = shifted(fixed, 6, -8)
+    disp = G.register_images(fixed, moving, features, prealign="none")
+    assert disp.shape == (1, 2, 64, 80) and disp.dtype == torch.float32
+    inner = disp[0, :, 20:44, 24:56].mean(dim=(1, 2))
+    assert torch.allclose(inner, torch.tensor([6.0, -8.0]), atol=1.5), inner
+    error_before = (moving - fixed).abs()[..., 16:48, 16:64].mean()
+    error_after = (T.warp(moving, disp) - fixed).abs()[..., 16:48, 16:64].mean()
+    assert error_after < 0.5 * error_before
+
+
+def test_the_2019_defaults_run_and_recover_a_translation():
+    fixed = blob_image()
+    moving = shifted(fixed, -5, 4)
+    disp = G.register_images(fixed, moving, "intensity", **G.DEFAULTS_2019)
+    inner = disp[0, :, 20:44, 24:56].mean(dim=(1, 2))
+    assert torch.allclose(inner, torch.tensor([-5.0, 4.0]), atol=1.5), inner
+
+
+@pytest.mark.parametrize("prealign", ["com", "moments", "affine"])
+def test_prealignment_recovers_shifts_beyond_the_search_range(prealign):
+    fixed = blob_image(96, 128)
+    moving = shifted(fixed, 12, -30)  # D = 9 reaches only +-16 pixels
+    none = G.register_images(fixed, moving, "intensity", prealign="none", refine_range=None)
+    aligned = G.register_images(fixed, moving, "intensity", prealign=prealign)
+    target = torch.tensor([12.0, -30.0])
+    inner = (slice(None), slice(36, 60), slice(44, 84))
+    assert torch.allclose(aligned[0][inner].mean(dim=(1, 2)), target, atol=2.0)
+    assert (none[0][inner].mean(dim=(1, 2)) - target).abs().max() > 8
+
+
+def test_moments_affine_inverts_a_known_affine():
+    fixed = blob_image(96, 128, inside=False)
+    angle, scale = math.radians(12), 1.1
+    B = torch.tensor([[[scale * math.cos(angle), -scale * math.sin(angle), 3.0],
+                       [scale * math.sin(angle), scale * math.cos(angle), -5.0]]])
+    moving = T.warp(fixed, T.affine_displacement(B, (96, 128)), padding_mode="zeros")  # moving[p] = fixed[Bp]
+    A = G.moments_affine(fixed, moving)  # warped[p] = moving[Ap] = fixed[BAp]: A should invert B
+    B3 = torch.cat([B[0], torch.tensor([[0.0, 0.0, 1.0]])])
+    A3 = torch.cat([A[0], torch.tensor([[0.0, 0.0, 1.0]])])
+    assert torch.allclose(B3 @ A3, torch.eye(3), atol=0.05), B3 @ A3
+    refined = G.refine_affine(fixed, moving, A, iterations=30)
+    R3 = torch.cat([refined[0], torch.tensor([[0.0, 0.0, 1.0]])])
+    assert torch.allclose(B3 @ R3, torch.eye(3), atol=0.06)
+
+
+def test_details_shapes_and_consistency():
+    fixed = torch.cat([blob_image(seed=0), blob_image(seed=1)])
+    moving = torch.cat([shifted(fixed[:1], 3, 2), shifted(fixed[1:], -2, 5)])
+    disp, details = G.register_images(fixed, moving, "mind", disp_range=7, refine_range=None,
+                                      prealign="none", return_details=True)
+    assert disp.shape == (2, 2, 64, 80)
+    assert details.cost_volume.shape == details.probabilities.shape == (2, 49, 16, 20)
+    assert details.displacement_low.shape == (2, 2, 16, 20)
+    assert details.stride == 4 and details.disp_range == 7
+    assert torch.allclose(details.probabilities.sum(1), torch.ones(2, 16, 20), atol=1e-5)
+    assert torch.allclose(details.cost_volume.mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-4)  # normalised
+    assert torch.allclose(disp, T.upsample_displacement(details.displacement_low, (64, 80)), atol=1e-5)
+
+
+def test_chunking_does_not_change_the_result():
+    fixed = torch.cat([blob_image(seed=s) for s in range(3)])
+    moving = torch.cat([shifted(fixed[i:i + 1], i, -i) for i in range(3)])
+    whole = G.register_images(fixed, moving, "intensity", chunk_size=16)
+    chunked = G.register_images(fixed, moving, "intensity", chunk_size=2)
+    assert torch.allclose(whole, chunked, atol=1e-4)
+
+
+def test_feature_module_plugs_in_and_gradients_reach_it():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.Sigmoid(),
+                              torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Sigmoid())
+    fixed = blob_image()
+    disp = G.register_images(fixed, shifted(fixed, 2, 2), net, prealign="none")
+    assert disp.shape == (1, 2, 64, 80)
+    disp.abs().sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+
+
+def test_replicate_border_only_changes_the_border():
+    torch.manual_seed(0)
+    a, b = torch.rand(1, 3, 12, 14), torch.rand(1, 3, 12, 14)
+    zeros = G.cost_volume(a, b, 5, normalise=False, border="zeros")
+    replicate = G.cost_volume(a, b, 5, normalise=False, border="replicate")
+    assert torch.allclose(zeros[..., 2:-2, 2:-2], replicate[..., 2:-2, 2:-2], atol=1e-5)
+    assert not torch.allclose(zeros, replicate)
+
+
+def test_identical_images_give_a_near_identity_without_folding():
+    fixed = blob_image(128, 160)
+    disp = G.register_images(fixed, fixed.clone(), "mind")
+    # inside the object: near zero. (In the flat air around it every displacement costs the same,
+    # and the soft arg-min drifts towards the cheap side, away from the object, by a few pixels.)
+    inside = fixed[0, 0] > 0.1
+    assert disp[0][:, inside].abs().mean() < 0.25 and disp[0][:, inside].abs().max() < 1.0
+    assert M.folding_fraction(disp).item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [
+    lambda f, m: G.register_images(f[0], m[0]),
+    lambda f, m: G.register_images(f, m[..., :60, :]),
+    lambda f, m: G.register_images(f[..., :62, :], m[..., :62, :]),
+    lambda f, m: G.register_images(f, m, "sift"),
+    lambda f, m: G.register_images(f, m, torch.nn.Identity()),
+    lambda f, m: G.register_images(f, m, disp_range=8),
+    lambda f, m: G.register_images(f, m, refine_range=4),
+    lambda f, m: G.register_images(f, m, alpha=0.0),
+    lambda f, m: G.register_images(f, m, prealign="rigid"),
+    lambda f, m: G.register_images(f, m, border="reflect"),
+    lambda f, m: G.register_images(f, m, min_kernel=2),
+    lambda f, m: G.register_images(f, m, meanfield_iterations=-1),
+    lambda f, m: G.register_images((f * 255).byte(), (m * 255).byte()),
+])
+def test_bad_input_raises_value_error(bad):
+    fixed = blob_image()
+    with pytest.raises(ValueError):
+        bad(fixed, fixed.clone())

@@ -1,0 +1,392 @@
+"""Discrete registration of image pairs: features -> cost volume -> regularisation -> warp.
+
+Taught in ``notebooks/03_regularisation.ipynb``; composes the building blocks
+:mod:`~tutorial_utils.features`, :mod:`~tutorial_utils.correlation`,
+:mod:`~tutorial_utils.regularisation` and :mod:`~tutorial_utils.transform`. Nothing here is
+trained; a trained feature CNN (next notebook) plugs in through ``features=``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import correlation as _correlation_module
+from .features import intensity_features, mind_features
+from .regularisation import normalise_cost, regularise, soft_displacement
+from .transform import (
+    affine_displacement,
+    compose_displacements,
+    translation_displacement,
+    upsample_displacement,
+    warp,
+)
+
+__all__ = [
+    "FEATURE_STRIDE",
+    "DEFAULTS",
+    "DEFAULTS_2019",
+    "PREALIGN_MODES",
+    "RegistrationDetails",
+    "centre_of_mass_shift",
+    "cost_volume",
+    "extract_features",
+    "moments_affine",
+    "prealign_displacement",
+    "refine_affine",
+    "register_images",
+]
+
+FEATURE_STRIDE = 4
+"""Feature maps are at 1/4 of the image resolution (like the 2019 CNN)."""
+
+PREALIGN_MODES = ("none", "com", "moments", "affine")
+"""How :func:`register_images` starts (before the discrete search of +-2(D-1) pixels):
+
+* ``none``: from the identity, for pairs that are already roughly aligned (the 2019 data);
+* ``com``: a translation that matches the intensity centres of mass;
+* ``moments``: the affine map (rotation, isotropic scale, translation) that matches the
+  intensity centres of mass and the principal axes of the two images (closed form, instant);
+* ``affine``: ``moments``, then refined by gradient descent on the mean squared intensity
+  difference of the images at 1/4 resolution (a full affine: 6 parameters per pair).
+"""
+
+DEFAULTS_2019: dict = {
+    "min_kernel": 3, "avg_kernel": 5, "meanfield_kernel": 5, "meanfield_iterations": 1,
+    "meanfield_passes": 3, "alpha": 10.0, "prealign": "none", "refine_range": None,
+}
+"""The regularisation of the 2019 tutorial, for :func:`register_images` (``**DEFAULTS_2019``)."""
+
+DEFAULTS: dict = {
+    "min_kernel": 3, "avg_kernel": 3, "meanfield_kernel": 5, "meanfield_iterations": 2,
+    "meanfield_passes": 3, "alpha": 100.0, "prealign": "affine", "refine_range": 5,
+}
+"""The defaults of :func:`register_images`, chosen on training pairs in notebook 03."""
+
+Features = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _correlation(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_range: int) -> torch.Tensor:
+    """The fast ``correlation`` when the package has it, else the 2019 ``correlation_unfold``."""
+    fast = getattr(_correlation_module, "correlation", None)
+    if fast is not None:
+        return fast(feat_fixed, feat_moving, disp_range)
+    return _correlation_module.correlation_unfold(feat_fixed, feat_moving, disp_range)
+
+
+@dataclass
+class RegistrationDetails:
+    """Intermediate results of :func:`register_images` (``return_details=True``).
+
+    Shapes: B pairs, D = disp_range, feature maps h x w = H/stride x W/stride.
+    """
+
+    feat_fixed: torch.Tensor  # [B, C, h, w]
+    feat_moving: torch.Tensor  # [B, C, h, w], of the pre-aligned moving image
+    cost_volume: torch.Tensor  # [B, D*D, h, w], data cost (normalised when normalise=True)
+    cost_regularised: torch.Tensor  # [B, D*D, h, w]
+    probabilities: torch.Tensor  # [B, D*D, h, w], softmax(-alpha * cost_regularised)
+    displacement_low: torch.Tensor  # [B, 2, h, w], (dy, dx) in feature pixels (after pre-alignment)
+    prealign: torch.Tensor  # [B, 2, H, W], the pre-alignment in image pixels (zeros for "none")
+    stride: int
+    disp_range: int
+    extra: dict = field(default_factory=dict)
+
+
+def _check_images(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> None:
+    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
+        if not image.is_floating_point():
+            raise ValueError(f"{name} must be floating point in [0, 1], got {image.dtype}")
+    if image_fixed.shape != image_moving.shape:
+        raise ValueError(
+            f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} differ in shape"
+        )
+    H, W = image_fixed.shape[-2:]
+    if H % FEATURE_STRIDE or W % FEATURE_STRIDE:
+        raise ValueError(f"H and W must be divisible by {FEATURE_STRIDE}, got {(H, W)}")
+
+
+def extract_features(image: torch.Tensor, features: Features = "mind") -> torch.Tensor:
+    """Feature maps [B, C, H/4, W/4] of images [B, 1, H, W].
+
+    ``features``: "intensity" (average-pooled intensities, C = 1), "mind" (MIND-SSC of the
+    half-resolution image at dilations 2, 4, 6, 8, average-pooled, C = 16; see
+    :func:`~tutorial_utils.features.mind_features`), or any ``nn.Module`` / callable that maps the
+    images to feature maps at 1/4 resolution (e.g. the feature CNN).
+    """
+    if isinstance(features, str):
+        if features == "intensity":
+            return intensity_features(image, FEATURE_STRIDE)
+        if features == "mind":
+            return mind_features(image, FEATURE_STRIDE)
+        raise ValueError(f"features must be 'intensity', 'mind' or an nn.Module, got {features!r}")
+    if not callable(features):
+        raise ValueError(f"features must be 'intensity', 'mind' or an nn.Module, got {type(features).__name__}")
+    feat = features(image)
+    expected = (image.shape[0], image.shape[-2] // FEATURE_STRIDE, image.shape[-1] // FEATURE_STRIDE)
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4 or (feat.shape[0], *feat.shape[-2:]) != expected:
+        raise ValueError(
+            f"the feature module must map [B, 1, H, W] to [B, C, H/4, W/4] = [{expected[0]}, C, {expected[1]}, "
+            f"{expected[2]}], got {getattr(feat, 'shape', type(feat).__name__)}"
+        )
+    return feat
+
+
+def cost_volume(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_range: int,
+                normalise: bool = True, border: str = "replicate") -> torch.Tensor:
+    """SSD cost volume [B, D*D, h, w], divided by its mean per pair when ``normalise``.
+
+    ``border="replicate"``: the moving features continue beyond the image with their edge
+    values (both maps are replication-padded by r before the correlation, which is then
+    cropped). ``"zeros"``: the correlation layer's own zero padding, as in 2019; features
+    that are not 0 outside the body (MIND is 1 in flat air) then make every border pixel
+    prefer displacements that stay inside, which pulls the field inwards and folds it.
+    """
+    if border == "replicate":
+        r = (disp_range - 1) // 2
+        h, w = feat_fixed.shape[-2:]
+        padded = [F.pad(f, (r,) * 4, mode="replicate") for f in (feat_fixed, feat_moving)]
+        cost = _correlation(*padded, disp_range)[..., r:r + h, r:r + w]
+    elif border == "zeros":
+        cost = _correlation(feat_fixed, feat_moving, disp_range)
+    else:
+        raise ValueError(f"border must be 'replicate' or 'zeros', got {border!r}")
+    return normalise_cost(cost) if normalise else cost
+
+
+def centre_of_mass_shift(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> torch.Tensor:
+    """Translation [B, 2] (dy, dx) that moves the moving image's intensity centre of mass onto the fixed one's.
+
+    ``warp(image_moving, translation_displacement(shift, (H, W)))`` has (about) the centre
+    of mass of ``image_fixed``.
+    """
+    H, W = image_fixed.shape[-2:]
+    ys = torch.arange(H, device=image_fixed.device, dtype=image_fixed.dtype)
+    xs = torch.arange(W, device=image_fixed.device, dtype=image_fixed.dtype)
+
+    def com(image: torch.Tensor) -> torch.Tensor:  # [B, 1, H, W] -> [B, 2]
+        mass = image[:, 0].clamp_min(0)
+        total = mass.sum(dim=(1, 2)).clamp_min(1e-8)
+        cy = (mass.sum(dim=2) * ys).sum(dim=1) / total
+        cx = (mass.sum(dim=1) * xs).sum(dim=1) / total
+        return torch.stack([cy, cx], dim=1)
+
+    return com(image_moving) - com(image_fixed)
+
+
+def _register_level(feat_fixed, feat_moving, disp_range, reg, alpha, normalise, border):
+    cost = cost_volume(feat_fixed, feat_moving, disp_range, normalise, border)
+    cost_reg = regularise(cost, disp_range, **reg)
+    probabilities, displacement_low = soft_displacement(cost_reg, disp_range, alpha)
+    return cost, cost_reg, probabilities, displacement_low
+
+
+def _intensity_moments(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre of mass [B, 2] and covariance [B, 2, 2] (y, x) of the intensities of [B, 1, H, W]."""
+    H, W = image.shape[-2:]
+    ys = torch.arange(H, device=image.device, dtype=image.dtype)
+    xs = torch.arange(W, device=image.device, dtype=image.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack([grid_y, grid_x]).reshape(2, -1)  # [2, H*W]
+    mass = image[:, 0].clamp_min(0).reshape(image.shape[0], -1)  # [B, H*W]
+    total = mass.sum(1, keepdim=True).clamp_min(1e-8)
+    mean = mass @ points.T / total  # [B, 2]
+    centred = points[None] - mean[:, :, None]  # [B, 2, H*W]
+    cov = torch.einsum("bin,bjn,bn->bij", centred, centred, mass) / total[:, :, None]
+    return mean, cov
+
+
+def moments_affine(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> torch.Tensor:
+    """Affine matrices [B, 2, 3] that match centres of mass and principal axes (closed form).
+
+    In the convention of :func:`~tutorial_utils.transform.affine_displacement` (pixel units,
+    rotation about the image centre): a rotation taking the fixed principal axes onto the
+    moving ones (the smallest of the sign-equivalent choices), an isotropic scale
+    ``(det C_moving / det C_fixed)^(1/4)`` and the translation between the centres of mass.
+    """
+    B, _, H, W = image_fixed.shape
+    mean_f, cov_f = _intensity_moments(image_fixed)
+    mean_m, cov_m = _intensity_moments(image_moving)
+    eig_f, axes_f = torch.linalg.eigh(cov_f)  # ascending eigenvalues, axes as columns
+    eig_m, axes_m = torch.linalg.eigh(cov_m)
+    best_angle, best_rot = None, None
+    for signs in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+        rot = (axes_m * torch.tensor(signs, device=image_fixed.device, dtype=image_fixed.dtype)) @ axes_f.transpose(1, 2)
+        angle = torch.atan2(rot[:, 1, 0], rot[:, 0, 0]).abs()
+        angle = torch.where(torch.linalg.det(rot) > 0, angle, torch.full_like(angle, float("inf")))
+        if best_angle is None:
+            best_angle, best_rot = angle, rot
+        else:
+            better = angle < best_angle
+            best_angle = torch.where(better, angle, best_angle)
+            best_rot = torch.where(better[:, None, None], rot, best_rot)
+    scale = (eig_m.clamp_min(1e-8) / eig_f.clamp_min(1e-8)).prod(1).pow(0.25)  # [B]
+    A = best_rot * scale[:, None, None]
+    centre = torch.tensor([(H - 1) / 2, (W - 1) / 2], device=image_fixed.device, dtype=image_fixed.dtype)
+    t = mean_m - centre - torch.einsum("bij,bj->bi", A, mean_f - centre)
+    return torch.cat([A, t[:, :, None]], dim=2)
+
+
+def refine_affine(
+    image_fixed: torch.Tensor,
+    image_moving: torch.Tensor,
+    matrix: torch.Tensor,
+    iterations: int = 60,
+    lr: float = 0.01,
+    scale: int = 4,
+) -> torch.Tensor:
+    """Refine affine matrices [B, 2, 3] by Adam on the mean squared intensity difference.
+
+    The images are average-pooled by ``scale`` and slightly blurred (a wide capture range,
+    fast); the translation is optimised in units of half the image size so that one learning
+    rate fits all six parameters. Returns the refined matrices [B, 2, 3] (pixel units).
+    """
+    def smooth(image):
+        small = F.avg_pool2d(image, scale)
+        return F.avg_pool2d(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+    fixed, moving = smooth(image_fixed).detach(), smooth(image_moving).detach()
+    h, w = fixed.shape[-2:]
+    half = max(h, w) / 2
+    # a fixed pixel p (full resolution) = scale * q + (scale - 1) / 2 for q at low resolution: the
+    # image centres coincide, so A is the same and the translation scales by 1/scale
+    params = torch.cat([matrix[:, :, :2], matrix[:, :, 2:] / (scale * half)], dim=2).detach().clone()
+    with torch.enable_grad():
+        params.requires_grad_(True)
+        optimiser = torch.optim.Adam([params], lr=lr)
+        for _ in range(iterations):
+            optimiser.zero_grad()
+            low = torch.cat([params[:, :, :2], params[:, :, 2:] * half], dim=2)
+            field_ = affine_displacement(low, (h, w))
+            loss = ((warp(moving, field_) - fixed) ** 2).mean(dim=(1, 2, 3)).sum()
+            loss.backward()
+            optimiser.step()
+    params = params.detach()
+    return torch.cat([params[:, :, :2], params[:, :, 2:] * (half * scale)], dim=2)
+
+
+def prealign_displacement(image_fixed: torch.Tensor, image_moving: torch.Tensor, prealign: str | None = "affine",
+                          iterations: int = 60) -> torch.Tensor:
+    """The pre-alignment [B, 2, H, W] (image pixels) that :func:`register_images` starts from.
+
+    See :data:`PREALIGN_MODES`; ``iterations``: gradient steps of ``"affine"``.
+    """
+    if prealign is None:
+        prealign = "none"
+    if prealign not in PREALIGN_MODES:
+        raise ValueError(f"prealign must be one of {PREALIGN_MODES} (or None), got {prealign!r}")
+    B, _, H, W = image_fixed.shape
+    if prealign == "none":
+        return torch.zeros(B, 2, H, W, device=image_fixed.device, dtype=image_fixed.dtype)
+    if prealign == "com":
+        return translation_displacement(centre_of_mass_shift(image_fixed, image_moving), (H, W))
+    matrix = moments_affine(image_fixed, image_moving)
+    if prealign == "affine":
+        matrix = refine_affine(image_fixed, image_moving, matrix, iterations=iterations)
+    return affine_displacement(matrix, (H, W))
+
+
+def register_images(
+    image_fixed: torch.Tensor,
+    image_moving: torch.Tensor,
+    features: Features = "mind",
+    disp_range: int = 9,
+    *,
+    min_kernel: int = DEFAULTS["min_kernel"],
+    avg_kernel: int = DEFAULTS["avg_kernel"],
+    meanfield_kernel: int = DEFAULTS["meanfield_kernel"],
+    meanfield_iterations: int = DEFAULTS["meanfield_iterations"],
+    meanfield_passes: int = DEFAULTS["meanfield_passes"],
+    alpha: float = DEFAULTS["alpha"],
+    prealign: str | None = DEFAULTS["prealign"],
+    refine_range: int | None = DEFAULTS["refine_range"],
+    normalise: bool = True,
+    border: str = "replicate",
+    upsample_mode: str = "bilinear",
+    chunk_size: int = 16,
+    return_details: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, RegistrationDetails]:
+    """Register ``image_moving`` to ``image_fixed`` with discrete optimisation (the 2019 pipeline).
+
+    1. pre-alignment (``prealign``, see :data:`PREALIGN_MODES`);
+    2. features at 1/4 resolution (``features``: "intensity", "mind" or an ``nn.Module``);
+    3. SSD cost volume over D x D displacements (``border``: how the moving features continue
+       beyond the image), divided by its mean (``normalise``) so that one ``alpha`` serves
+       every feature type;
+    4. :func:`~tutorial_utils.regularisation.regularise`: min-convolution (min-pool
+       ``min_kernel``, two ``avg_kernel`` average pools) and mean field (``meanfield_passes``
+       average pools of ``meanfield_kernel``), ``meanfield_iterations`` times;
+    5. soft arg-min of ``softmax(-alpha * cost)``, upsampled x4 to the image and scaled by 4;
+    6. with ``refine_range`` (an odd D', or None): the moving image is warped with the
+       result, its features recomputed, and steps 3-5 run once more with D' displacements;
+       the two fields are composed.
+
+    The defaults (:data:`DEFAULTS`) were chosen on training pairs in notebook 03; see
+    :data:`DEFAULTS_2019` for the original ones (pass them to reproduce 2019).
+
+    Args:
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1]; H, W divisible by 4.
+        features: see :func:`extract_features`.
+        disp_range: D, odd (+-(D-1)/2 feature pixels = +-2(D-1) image pixels).
+        chunk_size: pairs processed at once (bounds memory; results do not depend on it).
+        return_details: also return a :class:`RegistrationDetails` (of the first stage).
+
+    Returns:
+        displacement [B, 2, H, W], (dy, dx) in image pixels, such that
+        ``warp(image_moving, displacement)`` is aligned with ``image_fixed``; with
+        ``return_details`` the tuple ``(displacement, details)``.
+    """
+    _check_images(image_fixed, image_moving)
+    for name, value in (("disp_range", disp_range), ("refine_range", refine_range or 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
+            raise ValueError(f"{name} must be a positive odd integer, got {value!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if prealign is not None and prealign not in PREALIGN_MODES:
+        raise ValueError(f"prealign must be one of {PREALIGN_MODES} (or None), got {prealign!r}")
+    if border not in ("replicate", "zeros"):
+        raise ValueError(f"border must be 'replicate' or 'zeros', got {border!r}")
+    reg = dict(min_kernel=min_kernel, avg_kernel=avg_kernel, meanfield_kernel=meanfield_kernel,
+               meanfield_iterations=meanfield_iterations, meanfield_passes=meanfield_passes)
+    options = dict(alpha=alpha, prealign=prealign, refine_range=refine_range, normalise=normalise,
+                   border=border, upsample_mode=upsample_mode, chunk_size=chunk_size)
+    B, _, H, W = image_fixed.shape
+    if B > chunk_size:
+        parts = [register_images(image_fixed[s:s + chunk_size], image_moving[s:s + chunk_size], features,
+                                 disp_range, return_details=return_details, **reg, **options)
+                 for s in range(0, B, chunk_size)]
+        if not return_details:
+            return torch.cat(parts)
+        names = ("feat_fixed", "feat_moving", "cost_volume", "cost_regularised", "probabilities",
+                 "displacement_low", "prealign")
+        details = RegistrationDetails(**{name: torch.cat([getattr(p[1], name) for p in parts]) for name in names},
+                                      stride=FEATURE_STRIDE, disp_range=disp_range)
+        return torch.cat([p[0] for p in parts]), details
+
+    pre = prealign_displacement(image_fixed, image_moving, prealign)  # [B, 2, H, W]
+    moving = warp(image_moving, pre) if prealign not in (None, "none") else image_moving
+    feat_fixed = extract_features(image_fixed, features)  # [B, C, h, w]
+    feat_moving = extract_features(moving, features)  # [B, C, h, w]
+    cost, cost_reg, probabilities, displacement_low = _register_level(
+        feat_fixed, feat_moving, disp_range, reg, alpha, normalise, border)
+    displacement = upsample_displacement(displacement_low, (H, W), mode=upsample_mode)  # [B, 2, H, W]
+    if prealign not in (None, "none"):
+        displacement = compose_displacements(pre, displacement)
+    if refine_range:
+        feat_refined = extract_features(warp(image_moving, displacement), features)  # [B, C, h, w]
+        *_, refined_low = _register_level(feat_fixed, feat_refined, refine_range, reg, alpha, normalise, border)
+        refined = upsample_displacement(refined_low, (H, W), mode=upsample_mode)
+        displacement = compose_displacements(displacement, refined)
+    if not return_details:
+        return displacement
+    details = RegistrationDetails(feat_fixed, feat_moving, cost, cost_reg, probabilities, displacement_low,
+                                  pre, FEATURE_STRIDE, disp_range)
+    return displacement, details

@@ -1,0 +1,268 @@
+"""Regularisation without trainable weights: min-convolution, mean field, soft arg-min.
+
+Taught in ``notebooks/03_regularisation.ipynb``. A cost volume [B, D*D, h, w] holds, for
+every pixel of the fixed feature map, the cost of each of the D x D discrete displacements
+(channel ``k = i*D + j`` is the offset ``(dy, dx) = (i - r, j - r)``, ``r = (D-1)//2``).
+The data cost alone is noisy; a smooth deformation needs a pairwise term that penalises
+neighbours with different displacements (a Markov random field, as in deeds). The 2019
+tutorial approximates inference in that MRF with three operations that have no weights:
+
+* :func:`min_convolution` over the two *displacement* dimensions: the lower envelope
+  ``min_d' cost(d') + lambda*|d - d'|^2`` (exact: :func:`min_convolution_exact`), approximated
+  by a min-pooling followed by two average poolings with replication padding;
+* :func:`mean_field` over the two *spatial* dimensions: average poolings of the costs, so
+  every pixel sees the (min-convolved) costs of its neighbours;
+* :func:`soft_displacement`: a softmax over the displacements of ``-alpha * cost`` and the
+  expected displacement (soft arg-min), which is differentiable and sub-pixel accurate.
+
+All functions work on any device and keep the input's dtype; nothing here is trained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "check_cost_volume",
+    "displacement_offsets",
+    "min_convolution_exact",
+    "min_convolution",
+    "mean_field",
+    "regularise",
+    "soft_displacement",
+    "normalise_cost",
+]
+
+
+def _check_odd_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd integer, got {value!r}")
+
+
+def check_cost_volume(cost: torch.Tensor, disp_range: int) -> tuple[int, int, int]:
+    """Validate a cost volume [B, D*D, h, w] for ``disp_range`` D; return ``(B, h, w)``."""
+    _check_odd_positive("disp_range", disp_range)
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
+        shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
+        raise ValueError(f"cost volume must be a tensor [B, D*D, h, w], got {shape}")
+    if cost.shape[1] != disp_range**2:
+        raise ValueError(
+            f"cost volume has {cost.shape[1]} channels, expected disp_range**2 = {disp_range**2} "
+            f"(layout [B, D*D, h, w])"
+        )
+    if not cost.is_floating_point():
+        raise ValueError(f"cost volume must be floating point, got {cost.dtype}")
+    return cost.shape[0], cost.shape[2], cost.shape[3]
+
+
+def displacement_offsets(
+    disp_range: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The discrete displacements [D*D, 2], row ``k = i*D + j`` holds ``(dy, dx) = (i - r, j - r)``.
+
+    Units: pixels of the feature map the cost volume was computed on.
+    """
+    _check_odd_positive("disp_range", disp_range)
+    r = (disp_range - 1) // 2
+    steps = torch.arange(-r, r + 1, device=device, dtype=dtype)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")  # [D, D] each
+    return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=1)  # [D*D, 2]
+
+
+def min_convolution_exact(cost: torch.Tensor, disp_range: int, lam: float = 1.0, chunk: int = 4096) -> torch.Tensor:
+    """Exact min-convolution over the displacement grid, by brute force.
+
+    ``out[b, k, y, x] = min_k' cost[b, k', y, x] + lam * |d_k - d_k'|^2`` where ``d_k`` are the
+    offsets of :func:`displacement_offsets`: the lower envelope of parabolas of curvature
+    ``lam`` rooted at every displacement, their heights the costs. O((D*D)^2) per pixel, fine
+    for the small D of this tutorial.
+
+    Args:
+        cost: [B, D*D, h, w]. disp_range: D (odd). lam: >= 0, cost units per pixel^2.
+        chunk: pixels processed at once (bounds the memory).
+
+    Returns:
+        [B, D*D, h, w], same dtype and device. ``out <= cost`` everywhere.
+    """
+    B, h, w = check_cost_volume(cost, disp_range)
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    offsets = displacement_offsets(disp_range, cost.device, cost.dtype)  # [K, 2]
+    penalty = lam * torch.cdist(offsets, offsets) ** 2  # [K, K]: penalty[k, k']
+    K = disp_range**2
+    flat = cost.permute(0, 2, 3, 1).reshape(-1, K)  # [B*h*w, K]
+    out = torch.empty_like(flat)
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start : start + chunk]  # [n, K']
+        out[start : start + chunk] = (part[:, None, :] + penalty[None]).amin(dim=2)  # [n, K]
+    return out.view(B, h, w, K).permute(0, 3, 1, 2).contiguous()
+
+
+def min_convolution(
+    cost: torch.Tensor,
+    disp_range: int,
+    min_kernel: int = 3,
+    avg_kernel: int = 5,
+    avg_passes: int = 2,
+    padding: int | None = None,
+) -> torch.Tensor:
+    """Differentiable, fast approximation of :func:`min_convolution_exact` (the 2019 recipe).
+
+    For every pixel the D x D cost grid is replication-padded, min-pooled (``min_kernel``,
+    stride 1) and then average-pooled ``avg_passes`` times (``avg_kernel``, stride 1). The
+    padding restores the D x D size exactly: by default
+    ``padding = ((min_kernel - 1) + avg_passes * (avg_kernel - 1)) // 2`` (5 for 3, 5, 2 passes).
+    The min-pooling spreads low costs to neighbouring displacements (like the flat bottom of
+    a wide parabola); the average poolings round the result off. It is scale- and
+    shift-equivariant: ``min_convolution(a*cost + b) == a*min_convolution(cost) + b`` for a > 0.
+
+    Note: the slides' code of 2019 applies the two average poolings first and the
+    min-pooling last (``-minconv(-cost)`` with ``Sequential(pad, avg, avg, max)``); the
+    order here (min first) is the one the tutorial text describes. Both keep the size.
+
+    Args:
+        cost: [B, D*D, h, w]. disp_range: D (odd). min_kernel, avg_kernel: odd >= 1.
+        avg_passes: number of average poolings (>= 0). padding: replication padding; must
+            equal the default for the output to keep D x D displacements.
+
+    Returns:
+        [B, D*D, h, w], the regularised costs.
+    """
+    B, h, w = check_cost_volume(cost, disp_range)
+    _check_odd_positive("min_kernel", min_kernel)
+    _check_odd_positive("avg_kernel", avg_kernel)
+    if not isinstance(avg_passes, int) or avg_passes < 0:
+        raise ValueError(f"avg_passes must be an integer >= 0, got {avg_passes!r}")
+    needed = ((min_kernel - 1) + avg_passes * (avg_kernel - 1)) // 2
+    if padding is None:
+        padding = needed
+    if padding != needed:
+        raise ValueError(
+            f"padding={padding} would change the {disp_range}x{disp_range} displacement grid; "
+            f"min_kernel={min_kernel} and {avg_passes} x avg_kernel={avg_kernel} need padding={needed}"
+        )
+    D = disp_range
+    # the memory of [B, D*D, h, w] already is [B, D, D, h*w]: pool over dims 1 and 2 directly
+    grid = cost.reshape(B, 1, D, D, h * w)
+    if padding > 0:
+        grid = F.pad(grid, (0, 0, padding, padding, padding, padding), mode="replicate")
+    grid = grid[:, 0]  # [B, D+2p, D+2p, h*w]
+    # separable sliding windows (Tensor.unfold adds the window as a last dim): exactly a
+    # min-pooling / average pooling with stride 1, but fast for many tiny D x D grids
+    grid = grid.unfold(1, min_kernel, 1).amin(-1).unfold(2, min_kernel, 1).amin(-1)
+    for _ in range(avg_passes):
+        grid = grid.unfold(1, avg_kernel, 1).mean(-1).unfold(2, avg_kernel, 1).mean(-1)
+    return grid.reshape(B, D * D, h, w)
+
+
+def mean_field(cost: torch.Tensor, kernel: int = 5, passes: int = 3, padding: int | None = None) -> torch.Tensor:
+    """Average the costs over the spatial dimensions (one mean-field step, the 2019 recipe).
+
+    ``passes`` average poolings of size ``kernel`` (stride 1) after replication padding of
+    ``passes * (kernel - 1) // 2`` (6 for 5 x 5 and three passes), so the size is kept.
+    Every pixel's costs become a weighted average of its neighbours' costs: with the
+    min-convolution before it, this is the "sum of the messages from the neighbours" of
+    loopy belief propagation / mean-field inference in the MRF, with averaging instead of
+    summing (the scale of the costs is kept).
+
+    Args:
+        cost: [B, K, h, w] (K = D*D displacements; any K works). kernel: odd >= 1.
+        passes: >= 0. padding: must equal the default (kept only to say so clearly).
+
+    Returns:
+        [B, K, h, w].
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
+        raise ValueError(f"mean_field expects a cost volume [B, K, h, w], got {getattr(cost, 'shape', cost)}")
+    _check_odd_positive("kernel", kernel)
+    if not isinstance(passes, int) or passes < 0:
+        raise ValueError(f"passes must be an integer >= 0, got {passes!r}")
+    needed = passes * (kernel - 1) // 2
+    if padding is None:
+        padding = needed
+    if padding != needed:
+        raise ValueError(f"padding={padding} would change the spatial size; {passes} x kernel={kernel} need {needed}")
+    if padding > 0:
+        cost = F.pad(cost, (padding,) * 4, mode="replicate")
+    for _ in range(passes):
+        cost = F.avg_pool2d(cost, kernel, stride=1)
+    return cost
+
+
+def regularise(
+    cost: torch.Tensor,
+    disp_range: int,
+    min_kernel: int = 3,
+    avg_kernel: int = 5,
+    meanfield_kernel: int = 5,
+    meanfield_iterations: int = 1,
+    meanfield_passes: int = 3,
+) -> torch.Tensor:
+    """Alternate :func:`min_convolution` and :func:`mean_field` ``meanfield_iterations`` times.
+
+    One iteration is exactly the 2019 regulariser: ``mean_field(min_convolution(cost))``.
+    Each further iteration applies it again to the result, as further rounds of message
+    passing let information travel further in loopy belief propagation: after t rounds a
+    pixel has heard from neighbours about t mean-field radii away, and the min-convolutions
+    add up to a wider parabola (a weaker penalty on large differences that are consistent).
+    Zero iterations return the data cost unchanged. (Feeding the data cost back in every
+    round, ``(cost + message) / 2``, was measured in notebook 03 to give rougher fields.)
+
+    Args:
+        cost: [B, D*D, h, w]. disp_range: D. Kernel sizes odd; iterations >= 0.
+
+    Returns:
+        [B, D*D, h, w].
+    """
+    check_cost_volume(cost, disp_range)
+    if not isinstance(meanfield_iterations, int) or meanfield_iterations < 0:
+        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
+    belief = cost
+    for _ in range(meanfield_iterations):
+        belief = mean_field(min_convolution(belief, disp_range, min_kernel, avg_kernel),
+                            meanfield_kernel, meanfield_passes)
+    return belief
+
+
+def normalise_cost(cost: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Divide each pair's cost volume by its mean so that one ``alpha`` serves every feature type.
+
+    SSD costs are >= 0 and their scale depends on the features (number of channels, their
+    range). Dividing by the mean over displacements and pixels makes the average cost 1 for
+    every pair, which is about the scale of the 2019 CNN's 24 sigmoid features, so the 2019
+    ``alpha = 10`` keeps its meaning. Shift-free costs (min near 0) are assumed.
+
+    Args:
+        cost: [B, K, h, w]. Returns: [B, K, h, w] with mean 1 per batch element.
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
+        raise ValueError(f"normalise_cost expects [B, K, h, w], got {getattr(cost, 'shape', cost)}")
+    scale = cost.mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+    return cost / (scale + eps)
+
+
+def soft_displacement(
+    cost: torch.Tensor, disp_range: int, alpha: float = 10.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities over the displacements and the expected displacement (soft arg-min).
+
+    ``probabilities = softmax(-alpha * cost)`` over the D*D displacement channels (dim 1),
+    ``displacement = sum_k probabilities[:, k] * offsets[k]``. Unlike the arg-min it is
+    differentiable and lands between the grid points (sub-pixel): for a cost that is a
+    parabola around a non-integer minimum the expectation is close to that minimum.
+
+    Args:
+        cost: [B, D*D, h, w]. disp_range: D (odd). alpha: > 0, inverse temperature.
+
+    Returns:
+        ``(probabilities [B, D*D, h, w], displacement [B, 2, h, w])``; the displacement
+        channels are (dy, dx) in pixels of the cost volume's (feature) grid.
+    """
+    check_cost_volume(cost, disp_range)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    probabilities = torch.softmax(-alpha * cost, dim=1)  # [B, D*D, h, w]
+    offsets = displacement_offsets(disp_range, cost.device, cost.dtype)  # [D*D, 2]
+    displacement = torch.einsum("bkyx,kc->bcyx", probabilities, offsets)  # [B, 2, h, w]
+    return probabilities, displacement
