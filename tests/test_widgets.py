@@ -128,11 +128,6 @@ def test_parameters_reach_register_images(dataset, monkeypatch):
                     "meanfield_kernel": 3, "meanfield_iterations": 2, "alpha": 2.5}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation, left for a follow-up: on identical phantom slices the soft arg-min of the "
-    "regularised costs drifts by about 1.2 px inside organs (flat tissue has near-uniform costs and "
-    "the zero-padded border makes outward shifts dearer); the registration tests check the same "
-    "property on a textured image, where it holds"))
 def test_identical_images_need_no_motion(dataset):
     """Slices 0 and 1 are the same: Dice before is 1, and registration must not move organs."""
     r = widgets.explore_registration(dataset, 0, 1)

@@ -42,13 +42,11 @@ __all__ = [
 
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "disp_range": 9,
-    "min_kernel": 3,
-    "avg_kernel": 5,
-    "meanfield_kernel": 5,
-    "meanfield_iterations": 1,
-    "alpha": 10.0,
+    **{name: registration.DEFAULTS[name] for name in
+       ("min_kernel", "avg_kernel", "meanfield_kernel", "meanfield_iterations", "alpha")},
 }
-"""The hyper-parameters :func:`explore_registration` and the explorer start from."""
+"""The hyper-parameters :func:`explore_registration` and the explorer start from: those of
+:func:`~tutorial_utils.registration.register_images` (``registration.DEFAULTS``)."""
 
 _KERNEL_NAMES = ("min_kernel", "avg_kernel", "meanfield_kernel")
 
@@ -133,12 +131,12 @@ def explore_registration(
     fixed_id: int,
     moving_id: int,
     *,
-    disp_range: int = 9,
-    min_kernel: int = 3,
-    avg_kernel: int = 5,
-    meanfield_kernel: int = 5,
-    meanfield_iterations: int = 1,
-    alpha: float = 10.0,
+    disp_range: int = DEFAULT_PARAMETERS["disp_range"],
+    min_kernel: int = DEFAULT_PARAMETERS["min_kernel"],
+    avg_kernel: int = DEFAULT_PARAMETERS["avg_kernel"],
+    meanfield_kernel: int = DEFAULT_PARAMETERS["meanfield_kernel"],
+    meanfield_iterations: int = DEFAULT_PARAMETERS["meanfield_iterations"],
+    alpha: float = DEFAULT_PARAMETERS["alpha"],
     features: Any = "mind",
     device: torch.device | str | None = None,
 ) -> ExplorerResult:
@@ -507,7 +505,7 @@ class RegistrationExplorer:
         self.meanfield_kernel_slider = int_slider(
             "meanfield_kernel", "mean-field kernel", 1, 11, 2, "mean-field window (odd)")
         self.alpha_slider = w.FloatLogSlider(
-            value=DEFAULT_PARAMETERS["alpha"], base=10, min=-1, max=2, step=0.1,
+            value=DEFAULT_PARAMETERS["alpha"], base=10, min=-1, max=3, step=0.1,
             description="softmax alpha", readout_format=".3g", continuous_update=False,
             style=style, layout=slider_layout,
         )
