@@ -313,10 +313,11 @@ def test_train_on_misaligned_dataset_with_balanced_weights():
 
 def test_training_is_deterministic_on_the_cpu():
     dataset = _small_dataset(num_labels=3, size=(32, 48), seed=2)
-    state = torch.get_rng_state()
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
     runs = [train_features(dataset, num_pairs=12, seed=3, progress=False, images_per_step=3, device="cpu")
             for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), state)  # the global random state is untouched
+    assert torch.get_num_threads() == threads  # and so is the number of threads
     for (name, a), (_, b) in zip(runs[0][0].state_dict().items(), runs[1][0].state_dict().items()):
         assert torch.equal(a, b), name
     assert list(runs[0][1]) == list(runs[1][1])
@@ -377,8 +378,14 @@ def test_shipped_checkpoint_is_a_small_state_dict():
     assert isinstance(model, FeatureCNN) and not model.training
 
 
-def test_command_line_writes_a_loadable_state_dict(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("L2R_DATA_DIR", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    """A data cache shared by the tests that load the synthetic set (built once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_command_line_writes_a_loadable_state_dict(tmp_path, monkeypatch, capsys, phantom_cache):
+    monkeypatch.setenv("L2R_DATA_DIR", str(phantom_cache))
     out = tmp_path / "cnn.pt"
     assert main(["--pairs", "2", "--images-per-step", "2", "--out", str(out), "--source", "synthetic",
                  "--no-progress", "--device", "cpu"]) == 0
@@ -386,3 +393,16 @@ def test_command_line_writes_a_loadable_state_dict(tmp_path, monkeypatch, capsys
     state = torch.load(out, weights_only=True)
     FeatureCNN().load_state_dict(state)
     assert load_features(out).training is False
+
+
+def test_training_benchmark_runs_and_formats(monkeypatch, phantom_cache):
+    from tutorial_utils.benchmark import BENCHMARKS, format_training_table, run_training_benchmark
+
+    monkeypatch.setenv("L2R_DATA_DIR", str(phantom_cache))
+    result = run_training_benchmark(pairs=2, pairs_2019=1, repeats=1, images_per_step=2, device="cpu")
+    loops = [row["loop"] for row in result["rows"]]
+    assert loops[0] == "2019 loop" and len(loops) == 4
+    assert all(row["pairs_per_second"] > 0 for row in result["rows"])
+    assert result["speedup"] == result["rows"][1]["speedup"]
+    assert "2019 loop" in format_training_table(result)
+    assert "training" in BENCHMARKS

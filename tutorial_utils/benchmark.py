@@ -492,5 +492,141 @@ def _json_default(value):
     return str(value)
 
 
+
+# --- training benchmark ---
+
+
+def run_training_benchmark(
+    pairs: int = 240,
+    pairs_2019: int = 24,
+    repeats: int = 2,
+    images_per_step: int | None = None,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
+    source: str = "synthetic",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Training pairs per second: our loop against the 2019 loop, in the same run on the same device.
+
+    The 2019 loop is :func:`tutorial_utils.train.train_features_2019`: one pair at a time, the
+    CNN twice per pair, the unfold correlation layer, the slides' pooling regulariser, the
+    unfolded label loss, Adam with the gradient accumulated over 4 pairs. Ours is
+    :func:`tutorial_utils.train.train_features`: the CNN once per slice of a step and all
+    ordered pairs among the step's slices, the fast correlation and regulariser, the shared
+    label warp, chunked differentiation. Three rows of ours:
+
+    * ``2019 settings``: the same regularisation as the 2019 loop (min-pool 3, two average
+      pools 5, one mean-field round, ``alpha`` 10, zero border, no pre-alignment), so the
+      same work per pair: the like-for-like comparison (the headline ``speedup``);
+    * ``2019 settings, n=2``: the same with two slices per step (one CNN pass per pair), the
+      speed-up that does not come from sharing the CNN between pairs;
+    * ``default settings``: what ``train_features`` does by default (the regularisation of
+      ``register_images``, which may be heavier, e.g. two mean-field rounds).
+
+    Same CNN, loss, data, device and number of threads (``threads``; default 1 on the CPU, as
+    both loops default to), denormals flushed in both. Each loop runs once to warm up, then
+    ``repeats`` times; the median pairs/s is reported.
+
+    Returns:
+        a JSON-serialisable dict: ``machine``, ``settings``, ``rows`` (one per loop with
+        ``pairs_per_second``, ``seconds_per_pair``, ``cnn_passes_per_pair``, ``speedup``) and
+        ``speedup`` (ours with the 2019 settings over the 2019 loop).
+    """
+    from .data import load_dataset
+    from .registration import DEFAULTS_2019
+    from .train import DEFAULTS, REG_KEYS, train_features, train_features_2019
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_dataset(source=source, seed=seed, verbose=False)
+    n = images_per_step or DEFAULTS["images_per_step"]
+    like_2019 = dict(alpha=DEFAULTS_2019["alpha"], prealign="none", border="zeros",
+                     **{key: DEFAULTS_2019[key] for key in REG_KEYS})
+    common = dict(seed=seed, device=device, progress=False, threads=threads)
+
+    def measure(name: str, run, num_pairs: int, cnn_passes: float, step_size: int) -> dict:
+        if progress:
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+        run(step_size)  # warm-up: one step
+        speeds = []
+        for _ in range(repeats):
+            _, history = run(num_pairs)
+            speeds.append(history.pairs_per_second)
+        speed = statistics.median(speeds)
+        return {"loop": name, "images_per_step": None if cnn_passes == 2 else round(1 + 1 / cnn_passes),
+                "pairs": history.pairs, "repeats": repeats, "pairs_per_second": speed,
+                "pairs_per_second_all": speeds, "seconds_per_pair": 1.0 / speed, "cnn_passes_per_pair": cnn_passes}
+
+    rows = [
+        measure("2019 loop", lambda p: train_features_2019(dataset, num_pairs=p, **common), pairs_2019, 2.0, 4),
+        measure(f"ours, 2019 settings, n={n}",
+                lambda p: train_features(dataset, num_pairs=p, images_per_step=n, **like_2019, **common),
+                pairs, 1.0 / (n - 1), n * (n - 1)),
+        measure("ours, 2019 settings, n=2",
+                lambda p: train_features(dataset, num_pairs=p, images_per_step=2, **like_2019, **common),
+                pairs, 1.0, 2),
+        measure(f"ours, default settings, n={n}",
+                lambda p: train_features(dataset, num_pairs=p, images_per_step=n, **common),
+                pairs, 1.0 / (n - 1), n * (n - 1)),
+    ]
+    base = rows[0]["pairs_per_second"]
+    for row in rows:
+        row["speedup"] = row["pairs_per_second"] / base
+    used_threads = threads if threads is not None else (1 if device.type == "cpu" else torch.get_num_threads())
+    return {
+        "benchmark": "training",
+        "machine": {**machine_info(device), "training_threads": used_threads},
+        "settings": {"pairs": pairs, "pairs_2019": pairs_2019, "repeats": repeats, "source": dataset.source,
+                     "image_size": list(dataset.image_size), "num_labels": dataset.num_labels,
+                     "disp_range": DEFAULTS["disp_range"], "images_per_step": n, "seed": seed,
+                     "threads": used_threads},
+        "rows": rows,
+        "speedup": rows[1]["speedup"],
+    }
+
+
+def format_training_table(result: dict) -> str:
+    """The training benchmark as a plain-text table."""
+    machine, settings = result["machine"], result["settings"]
+    lines = [f"training loop, {settings['source']} slices {settings['image_size'][0]}x{settings['image_size'][1]}, "
+             f"{settings['num_labels']} labels, D={settings['disp_range']} on {machine['device']} "
+             f"({machine.get('gpu') or machine['processor']}, {settings['threads']} training threads, "
+             f"torch {machine['torch']}, load average {machine.get('load_average_1min')})"]
+    header = f"{'loop':>32s} {'pairs':>6s} {'pairs/s':>8s} {'s/pair':>8s} {'CNN/pair':>8s} {'speed-up':>8s}"
+    lines += [header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(f"{row['loop']:>32s} {row['pairs']:>6d} {row['pairs_per_second']:>8.2f} "
+                     f"{row['seconds_per_pair']:>8.3f} {row['cnn_passes_per_pair']:>8.2f} {row['speedup']:>7.1f}x")
+    lines.append(f"like for like (2019 settings), our loop trains {result['speedup']:.1f}x as many pairs per "
+                 f"second as the 2019 loop (median of {settings['repeats']} runs each, after a warm-up)")
+    return "\n".join(lines)
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, default=240, help="pairs per run of our loop (default 240)")
+    parser.add_argument("--pairs-2019", type=int, default=24, help="pairs per run of the 2019 loop (default 24)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop, median reported (default 2)")
+    parser.add_argument("--images-per-step", type=int, default=None,
+                        help="our loop's slices per step (default: the training default)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--source", choices=["synthetic", "tcia", "auto"], default="synthetic",
+                        help="the slices to train on (default synthetic)")
+
+
+def _training_run(args: argparse.Namespace) -> dict:
+    return run_training_benchmark(pairs=args.pairs, pairs_2019=args.pairs_2019, repeats=args.repeats,
+                                  images_per_step=args.images_per_step, device=args.device,
+                                  threads=args.threads, source=args.source, progress=True)
+
+
+register(Benchmark(
+    name="training",
+    help="training pairs per second: our loop (tutorial_utils.train) vs the 2019 loop",
+    add_arguments=_training_arguments,
+    run=_training_run,
+    format=format_training_table,
+))
+
+
 if __name__ == "__main__":
     sys.exit(main())

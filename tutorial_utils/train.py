@@ -47,6 +47,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -502,6 +503,31 @@ CPU therefore flushes denormals to zero (``torch.set_flush_denormal``) while it 
 changes nothing measurable (they are below 1.2e-38) and is switched off again afterwards."""
 
 
+@contextmanager
+def _cpu_settings(device: torch.device, threads: int | None):
+    """While training on the CPU: flush denormals (see ``_DENORMALS``) and use ``threads``
+    threads (default 1, see ``_THREADS``); both are restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    flushing = torch.set_flush_denormal(True)
+    torch.set_num_threads(threads if threads is not None else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
+_THREADS = """Training on the CPU uses one thread unless told otherwise (``threads=``). The loop is
+made of many operations on small tensors; with two threads, every one of them waits for the
+other thread, and when anything else runs on the machine that wait can make training ten times
+slower (measured on a busy 2-core machine: 2.2 pairs/s with two threads, 20.7 with one). Pass
+``threads=torch.get_num_threads()`` to use them all on an idle machine."""
+
+
 class LossHistory(list):
     """The training loss, one float per optimisation step, with what the run measured.
 
@@ -704,6 +730,7 @@ def train_features(
     prealign: str | None = "default",
     border: str | None = None,
     train_ids: Sequence[int] | None = None,
+    threads: int | None = None,
     **reg,
 ) -> tuple[nn.Module, LossHistory]:
     """Train the feature CNN with the non-local label loss on random pairs of training slices.
@@ -737,6 +764,8 @@ def train_features(
         prealign: how the training slices are aligned, once per slice ("none", "com",
             "moments"; "affine" means "moments"); default: register_images' pre-alignment.
         train_ids: slices to train on (default ``dataset.train_ids``).
+        threads: CPU threads while training (default 1: robust on busy and small machines,
+            see ``_THREADS``; restored afterwards). Denormals are flushed meanwhile (``_DENORMALS``).
 
     Returns:
         ``(model, history)``: the trained model (on ``device``, in eval mode) and a
@@ -784,13 +813,12 @@ def train_features(
         history.settings = {"num_pairs": num_pairs, "disp_range": D, "seed": seed, "device": str(device), "lr": lr,
                             "images_per_step": n, "alpha": alpha, "diffusion_weight": diffusion_weight,
                             "prealign": prealign, "border": border, "label_weights": label_weights,
-                            "steps": steps, **reg}
+                            "steps": steps, "threads": threads, **reg}
         model.train()
-        flushing = device.type == "cpu" and torch.set_flush_denormal(True)  # see _DENORMALS
         bar = tqdm(total=steps * pairs_per_step, unit="pairs", disable=not progress, desc="training")
         start = time.perf_counter()
         running = None
-        try:
+        with _cpu_settings(device, threads):
             for _ in range(steps):
                 chosen = torch.randperm(len(ids), generator=generator)[:n].to(device)  # [n]
                 loss = pair_loss(model, images[chosen], onehot[chosen], D, alpha, diffusion_weight, weights,
@@ -804,9 +832,6 @@ def train_features(
                 running = value if running is None else 0.9 * running + 0.1 * value
                 bar.update(pairs_per_step)
                 bar.set_postfix(loss=f"{running:.4f}")
-        finally:
-            if flushing:
-                torch.set_flush_denormal(False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         history.seconds = time.perf_counter() - start
@@ -911,11 +936,12 @@ def loss_2019(model: nn.Module, image_fixed: torch.Tensor, image_moving: torch.T
 def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int = 9, seed: int = 0,
                         device: str | torch.device | None = None, progress: bool = True, *,
                         model: nn.Module | None = None, lr: float = 2.5e-4,
-                        accumulate: int = 4) -> tuple[nn.Module, LossHistory]:
+                        accumulate: int = 4, threads: int | None = None) -> tuple[nn.Module, LossHistory]:
     """The 2019 training loop: one random training pair at a time, Adam (lr 2.5e-4), the
     gradient accumulated over ``accumulate`` pairs, :func:`loss_2019`. Kept as the baseline
-    of ``python -m tutorial_utils.benchmark training``. Denormals are flushed on the CPU as in
-    :func:`train_features`, so that the comparison measures the loops and not that setting.
+    of ``python -m tutorial_utils.benchmark training``. On the CPU, denormals are flushed and
+    ``threads`` threads used (default 1) as in :func:`train_features`, so that a comparison
+    measures the loops and not these settings.
     Returns ``(model, history)`` with one loss per pair."""
     from tqdm.auto import tqdm
 
@@ -932,9 +958,8 @@ def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int =
         history.pairs_per_step = 1
         history.settings = {"num_pairs": num_pairs, "disp_range": disp_range, "seed": seed, "lr": lr,
                             "accumulate": accumulate, "device": str(device)}
-        flushing = device.type == "cpu" and torch.set_flush_denormal(True)  # as in train_features
         start = time.perf_counter()
-        try:
+        with _cpu_settings(device, threads):
             for step in tqdm(range(num_pairs), disable=not progress, desc="training (2019 loop)", unit="pairs"):
                 f, m = (ids[int(i)] for i in torch.randperm(len(ids), generator=generator)[:2])
                 loss = loss_2019(model, dataset.images[f:f + 1].to(device), dataset.images[m:m + 1].to(device),
@@ -945,9 +970,6 @@ def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int =
                     optimiser.step()
                     optimiser.zero_grad()
                 history.append(float(loss.detach()))
-        finally:
-            if flushing:
-                torch.set_flush_denormal(False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         history.seconds = time.perf_counter() - start
@@ -1008,7 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", choices=["auto", "tcia", "synthetic"], default=None,
                         help="data: the real slices, the phantom, or auto (default: $L2R_DATA_SOURCE, else auto)")
     parser.add_argument("--data-seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for training (default 1) and evaluation (default: torch's)")
     parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -1019,13 +1042,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # evaluation; training is told below
     dataset = load_dataset(source=args.source, seed=args.data_seed)
     print(f"data: {dataset}")
     model, history = train_features(
         dataset, num_pairs=args.pairs, disp_range=args.disp_range, seed=args.seed, device=args.device,
         progress=not args.no_progress, lr=args.lr, images_per_step=args.images_per_step,
-        diffusion_weight=args.diffusion_weight,
+        diffusion_weight=args.diffusion_weight, threads=args.threads,
         label_weights=None if args.label_weights == "none" else args.label_weights)
     path = save_features(model, args.out)
     print(f"trained on {history.pairs} pairs in {history.seconds:.1f} s ({history.pairs_per_second:.1f} pairs/s), "
