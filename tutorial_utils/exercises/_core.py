@@ -85,6 +85,8 @@ class Exercise:
     """
 
     name: str = "Exercise"
+    example_call: str = "check(your_function)"
+    """How a learner calls ``check`` (shown when something other than a function is passed)."""
     hints: tuple[str, ...] = ()
     solution_code: str = ""
     success_message: str = "Well done."
@@ -94,6 +96,9 @@ class Exercise:
 
     def evaluate(self, answer) -> CheckResult:
         """Run the checks and return the outcome without displaying anything (used by tests)."""
+        if not callable(answer):
+            return CheckResult(self.name, INCORRECT, f"Pass your function itself to check(), e.g. "
+                               f"{self.example_call}, not {type(answer).__name__}.")
         try:
             self._check(answer)
         except NotImplementedError:

@@ -80,6 +80,7 @@ class CorrelationLayerExercise(Exercise):
     """Write the 2019 SSD correlation layer: [1, C, H, W] x2, D -> [1, D*D, H, W]."""
 
     name = "Exercise 1: the correlation layer"
+    example_call = "q1.check(my_correlation_layer)"
     success_message = ("Your layer gives the same cost volume as the reference, and gradients flow "
                        "through it. The cells below use it.")
     hints = (
@@ -220,9 +221,6 @@ class CorrelationLayerExercise(Exercise):
                                 f"or a detached copy).")
 
     def _check(self, answer) -> None:
-        if not callable(answer):
-            raise Incorrect(f"Pass your function itself to check(), e.g. q1.check(my_correlation_layer), "
-                            f"not {type(answer).__name__}.")
         for seed, (channels, height, width, disp_range) in enumerate(self.cases):
             feat_fixed, feat_moving = self._inputs(channels, height, width, seed)
             out = self._call(answer, feat_fixed, feat_moving, disp_range)

@@ -105,6 +105,7 @@ class MinConvolutionExercise(Exercise):
     """Write the 2019 min-convolution approximation: [B, D*D, h, w], D -> [B, D*D, h, w]."""
 
     name = "Exercise 1: the differentiable min-convolution"
+    example_call = "q1.check(my_min_convolution)"
     success_message = ("Your min-convolution gives the same regularised costs as the reference, for "
                        "several D, and gradients flow through it. The cells below use it.")
     hints = (
@@ -190,9 +191,6 @@ class MinConvolutionExercise(Exercise):
             f"replication padding of 5, and stride=1 everywhere.")
 
     def _check(self, answer) -> None:
-        if not callable(answer):
-            raise Incorrect(f"Pass your function itself, e.g. q1.check(my_min_convolution), not "
-                            f"{type(answer).__name__}.")
         for seed, (B, D, h, w) in enumerate(self.cases):
             cost = _random_cost(B, D, h, w, seed)
             out = self._call(answer, cost, D)
@@ -251,6 +249,7 @@ class SoftDisplacementExercise(Exercise):
     """Write the soft arg-min: cost [B, D*D, h, w], D, alpha -> (probabilities, displacement)."""
 
     name = "Exercise 2: the soft arg-min"
+    example_call = "q2.check(my_soft_displacement)"
     success_message = ("Your probabilities and expected displacements match the reference, for several D "
                        "and alpha, and gradients flow through them.")
     hints = (
@@ -304,9 +303,6 @@ class SoftDisplacementExercise(Exercise):
                             f"channels (dy, dx), got {list(disp.shape)}.{hint}")
 
     def _check(self, answer) -> None:
-        if not callable(answer):
-            raise Incorrect(f"Pass your function itself, e.g. q2.check(my_soft_displacement), not "
-                            f"{type(answer).__name__}.")
         for seed, (B, D, h, w, alpha) in enumerate(self.cases):
             cost = _random_cost(B, D, h, w, seed)
             prob, disp = self._call(answer, cost, D, alpha)

@@ -146,6 +146,7 @@ class LabelLossExercise(Exercise):
     """Write the non-local label loss: probabilities [B, D*D, h, w], labels int [B, H, W] x2, L -> scalar."""
 
     name = "Exercise 1: the non-local label loss"
+    example_call = "q1.check(my_label_loss)"
     success_message = ("Your loss gives the same value and the same gradient as the reference. "
                        "The training below uses it.")
     hints = (
@@ -258,9 +259,6 @@ class LabelLossExercise(Exercise):
                             "a detached copy, or a normalisation that depends on them).")
 
     def _check(self, answer) -> None:
-        if not callable(answer):
-            raise Incorrect(f"Pass your function itself to check(), e.g. q1.check(my_label_loss), "
-                            f"not {type(answer).__name__}.")
         for seed, case in enumerate(self.cases):
             batch, num_labels, h, w, disp_range = case
             probabilities, labels_fixed, labels_moving = self._inputs(batch, num_labels, h, w, disp_range, seed)
