@@ -83,3 +83,104 @@ def test_log_jacobian_std():
 def test_bad_input_raises_value_error(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+# --------------------------------------------------------------------------- centroid distance
+
+
+def centroid_distance_loops(a, b, num_labels):
+    """Brute force: walk over every pixel, sum the coordinates of each label, divide, compare."""
+    out = []
+    for label in range(num_labels):
+        centres = []
+        for labels in (a, b):
+            n = sy = sx = 0.0
+            for y in range(labels.shape[0]):
+                for x in range(labels.shape[1]):
+                    if int(labels[y, x]) == label:
+                        n, sy, sx = n + 1, sy + y, sx + x
+            centres.append((sy / n, sx / n) if n else None)
+        if None in centres:
+            out.append(float("nan"))
+        else:
+            (ya, xa), (yb, xb) = centres
+            out.append(math.hypot(ya - yb, xa - xb))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_centroid_distance_matches_loops():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 3, (2, 7, 9), generator=generator)
+    b = torch.randint(0, 3, (2, 7, 9), generator=generator)
+    a[1][a[1] == 2] = 0  # label 2 missing in the second pair's first map
+    b[0][b[0] == 3] = 0
+    a[0, 0, 0] = 3  # label 3 only in the first map: NaN
+    d = M.centroid_distance(a, b, 5)
+    assert d.shape == (2, 5) and d.dtype == torch.float64
+    for i in range(2):
+        expected = centroid_distance_loops(a[i], b[i], 5)
+        assert torch.allclose(d[i], expected, equal_nan=True)
+        assert torch.allclose(M.centroid_distance(a[i], b[i], 5), expected, equal_nan=True)  # [H, W] -> [L]
+    assert torch.isnan(d[1, 2]) and torch.isnan(d[0, 3]) and torch.isnan(d[:, 4]).all()
+
+
+def test_centroid_distance_of_a_shifted_square():
+    a = torch.zeros(10, 12, dtype=torch.long)
+    a[2:5, 3:6] = 1
+    b = torch.roll(a, shifts=(3, 4), dims=(0, 1))  # the square moved by (3, 4): 5 pixels
+    assert M.centroid_distance(a, b, 2)[1].item() == pytest.approx(5.0)
+    assert M.centroid_distance(a, a, 2).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: M.centroid_distance(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), 2),
+     "same shape"),
+    (lambda: M.centroid_distance(torch.zeros(3, 3), torch.zeros(3, 3), 2), "integer"),
+    (lambda: M.centroid_distance(torch.full((3, 3), 2), torch.zeros(3, 3, dtype=torch.long), 2), "outside"),
+    (lambda: M.centroid_distance(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2),
+     "label map"),
+])
+def test_centroid_distance_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+# ----------------------------------------------------------------------------- 3D Jacobian
+
+
+def _affine_field3d(matrix: torch.Tensor, shape=(5, 6, 7)) -> torch.Tensor:
+    """u(p) = A p for p = (z, y, x) in voxels: [1, 3, Z, Y, X] float64."""
+    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij")
+    points = torch.stack(grids)  # [3, Z, Y, X]
+    return torch.einsum("ij,jzyx->izyx", matrix, points)[None]
+
+
+def test_jacobian_determinant3d_of_affine_maps_is_det_of_identity_plus_matrix():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        matrix = 0.4 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+        det = M.jacobian_determinant3d(_affine_field3d(matrix))
+        expected = torch.linalg.det(torch.eye(3, dtype=torch.float64) + matrix).item()  # closed form
+        assert torch.allclose(det, torch.full_like(det, expected), atol=1e-10)
+
+
+def test_folding_fraction3d_counts_a_reflection_and_nothing_else():
+    identity = torch.zeros(2, 3, 4, 5, 6)
+    assert M.folding_fraction3d(identity).tolist() == [0.0, 0.0]
+    # x -> -x (u_x = -2x) everywhere in the second field: every voxel folds
+    field = torch.zeros(2, 3, 4, 5, 6)
+    field[1, 2] = -2 * torch.arange(6.0)
+    assert M.folding_fraction3d(field).tolist() == [0.0, 1.0]
+    # a 2D field embedded in 3D (no motion along z) has the 2D determinant
+    field2d = torch.randn(1, 2, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    field3d = torch.cat([torch.zeros(1, 1, 3, 5, 6, dtype=torch.float64),
+                         field2d[:, :, None].expand(1, 2, 3, 5, 6)], dim=1)
+    expected = M.jacobian_determinant(field2d)[:, None].expand(1, 3, 5, 6)
+    assert torch.allclose(M.jacobian_determinant3d(field3d), expected)
+
+
+def test_jacobian_determinant3d_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[B, 3, Z, Y, X\]"):
+        M.jacobian_determinant3d(torch.zeros(1, 2, 4, 4, 4))
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        M.jacobian_determinant3d(torch.zeros(1, 3, 1, 4, 4))

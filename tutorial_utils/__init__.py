@@ -4,8 +4,8 @@ Layers (nothing imports upward):
 
 * building blocks, importing nothing of ours: ``environment``, ``correlation``,
   ``regularisation``, ``transform``, ``metrics``, ``features``, ``models``, ``phantom``
-* composing them: ``registration``, ``data``, ``plotting``
-* above those: ``train``, ``widgets``
+* composing them: ``registration``, ``instance``, ``data``, ``plotting``
+* above those: ``train``, ``continuous``, ``widgets``
 * on top: ``benchmark``, ``exercises``
 """
 

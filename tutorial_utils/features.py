@@ -14,6 +14,7 @@ change when the intensities are scaled or shifted; it captures local *structure*
 original uses the 12 pairs of the 6-neighbourhood at distance sqrt(2); the 2D analogue used
 here takes the 4-neighbourhood (at ``dilation`` pixels) and its 4 pairs at distance
 ``sqrt(2) * dilation`` ("self-similarity context"), optionally at several dilations.
+:func:`mind_ssc3d` is the 3D original: the 12 pairs of the six-neighbourhood (notebook 05).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["intensity_features", "mind_ssc", "mind_features", "ssc_pairs"]
+__all__ = [
+    "intensity_features",
+    "mind_ssc",
+    "mind_features",
+    "ssc_pairs",
+    "intensity_features3d",
+    "mind_ssc3d",
+    "mind_features3d",
+    "ssc_pairs3d",
+]
 
 
 def _check_image(image: torch.Tensor, stride: int = 1) -> None:
@@ -127,3 +137,88 @@ def mind_features(
     mind = mind_ssc(small, radius=radius, dilation=dilation)
     pool = stride // downsample
     return F.avg_pool2d(mind, pool) if pool > 1 else mind
+
+
+# --------------------------------------------------------------------------- 3D (notebook 05)
+
+
+def _check_volume(volume: torch.Tensor, stride: int = 1) -> None:
+    if not isinstance(volume, torch.Tensor) or volume.dim() != 5 or volume.shape[1] != 1:
+        raise ValueError(f"expected volumes [B, 1, Z, Y, X], got {getattr(volume, 'shape', volume)}")
+    if not volume.is_floating_point():
+        raise ValueError(f"expected floating point volumes in [0, 1], got {volume.dtype}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    if any(n % stride for n in volume.shape[-3:]):
+        raise ValueError(f"Z, Y and X must be divisible by stride={stride}, got {tuple(volume.shape[-3:])}")
+
+
+def intensity_features3d(volume: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    """Raw intensities, average-pooled: [B, 1, Z, Y, X] -> [B, 1, Z/s, Y/s, X/s]."""
+    _check_volume(volume, stride)
+    return F.avg_pool3d(volume, stride) if stride > 1 else volume
+
+
+def ssc_pairs3d(dilation: int = 1) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 12 pairs of six-neighbourhood offsets ``(dz, dy, dx)`` at distance ``sqrt(2) * dilation``.
+
+    The edges of the octahedron spanned by the 6 neighbours (Heinrich et al. 2013): every
+    neighbour paired with the 4 neighbours on the other two axes, each pair once.
+    """
+    if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
+        raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
+    d = dilation
+    neighbours = [(-d, 0, 0), (0, -d, 0), (0, 0, -d), (0, 0, d), (0, d, 0), (d, 0, 0)]
+    return [(a, b) for a, b in itertools.combinations(neighbours, 2)
+            if sum((p - q) ** 2 for p, q in zip(a, b)) == 2 * d * d]
+
+
+def mind_ssc3d(volume: torch.Tensor, radius: int = 1, dilation: int | tuple[int, ...] = 1,
+               eps: float = 1e-12) -> torch.Tensor:
+    """MIND-SSC of volumes at full resolution: 12 channels per dilation.
+
+    As :func:`mind_ssc` one dimension up: patch distances (cubes of (2*radius+1)^3, box
+    filter, replicated borders) between the 12 pairs of :func:`ssc_pairs3d`, minus their
+    minimum, divided by their mean (clamped to [1e-3, 1e3] x its volume mean), ``exp(-.)``.
+
+    Args:
+        volume: [B, 1, Z, Y, X] float. radius: >= 0. dilation: neighbour distance in voxels,
+            or a tuple of them (12 channels each).
+
+    Returns:
+        [B, 12 * len(dilations), Z, Y, X] in (0, 1].
+    """
+    _check_volume(volume)
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
+        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
+    dilations = (dilation,) if isinstance(dilation, int) else tuple(dilation)
+    if not dilations:
+        raise ValueError("dilation must name at least one distance")
+    Z, Y, X = volume.shape[-3:]
+    out = []
+    for d in dilations:
+        pad = d + radius
+        padded = F.pad(volume, (pad,) * 6, mode="replicate")
+
+        def shifted(offset, padded=padded, pad=pad):
+            dz, dy, dx = offset
+            return padded[..., pad + dz:pad + dz + Z, pad + dy:pad + dy + Y, pad + dx:pad + dx + X]
+
+        dist = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in ssc_pairs3d(d)], dim=1)  # [B, 12, Z, Y, X]
+        if radius > 0:
+            dist = F.avg_pool3d(F.pad(dist, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+        dist = dist - dist.amin(dim=1, keepdim=True)
+        variance = dist.mean(dim=1, keepdim=True)
+        mean_var = variance.mean(dim=(1, 2, 3, 4), keepdim=True)
+        variance = torch.minimum(torch.maximum(variance, mean_var * 1e-3), mean_var * 1e3) + eps
+        out.append(torch.exp(-dist / variance))
+    return torch.cat(out, dim=1)
+
+
+def mind_features3d(volume: torch.Tensor, stride: int = 2, radius: int = 1,
+                    dilation: int | tuple[int, ...] = (1, 2)) -> torch.Tensor:
+    """MIND-SSC of the full-resolution volume, average-pooled to 1/stride:
+    [B, 1, Z, Y, X] -> [B, 12 * len(dilation), Z/s, Y/s, X/s]."""
+    _check_volume(volume, stride)
+    mind = mind_ssc3d(volume, radius=radius, dilation=dilation)
+    return F.avg_pool3d(mind, stride) if stride > 1 else mind

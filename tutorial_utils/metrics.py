@@ -44,6 +44,54 @@ def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -
     return float(torch.nanmean(per_label)) if torch.isfinite(per_label).any() else float("nan")
 
 
+def _centroids(labels: torch.Tensor, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids [B, L, 2] (y, x) and pixel counts [B, L] of every label value of [B, H, W]."""
+    B, H, W = labels.shape
+    flat = labels.reshape(B, -1).long()  # [B, H*W]
+    counts = torch.zeros(B, num_labels, dtype=torch.float64, device=labels.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    ys = torch.arange(H, dtype=torch.float64, device=labels.device).repeat_interleave(W)  # [H*W]
+    xs = torch.arange(W, dtype=torch.float64, device=labels.device).repeat(H)
+    sums = torch.zeros(B, num_labels, 2, dtype=torch.float64, device=labels.device)
+    for c, coordinate in enumerate((ys, xs)):
+        sums[:, :, c].scatter_add_(1, flat, coordinate.expand(B, -1))
+    return sums / counts.clamp_min(1)[:, :, None], counts
+
+
+def centroid_distance(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Distance in pixels between the centroids of each label in two label maps.
+
+    Args:
+        labels_a, labels_b: integer label maps [H, W] or [B, H, W] of the same shape.
+        num_labels: number of label values, background 0 included.
+
+    Returns:
+        float64 [L] (or [B, L]): the Euclidean distance between the centre of mass of the
+        pixels of label l in ``labels_a`` and in ``labels_b``; NaN where the label is missing
+        in either map. Index 0 is the background. The mean over the organs
+        (``torch.nanmean(d[..., 1:], -1)``) measures how far apart two slices are before
+        registration.
+    """
+    for name, labels in (("labels_a", labels_a), ("labels_b", labels_b)):
+        if not isinstance(labels, torch.Tensor) or labels.dim() not in (2, 3) or labels.is_floating_point():
+            raise ValueError(f"{name} must be an integer label map [H, W] or [B, H, W], "
+                             f"got {getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+            raise ValueError(f"{name} holds values outside 0..{num_labels - 1}")
+    if labels_a.shape != labels_b.shape:
+        raise ValueError(f"label maps must have the same shape, got {tuple(labels_a.shape)} and {tuple(labels_b.shape)}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    single = labels_a.dim() == 2
+    a = labels_a[None] if single else labels_a
+    b = labels_b[None] if single else labels_b
+    centre_a, count_a = _centroids(a, num_labels)
+    centre_b, count_b = _centroids(b, num_labels)
+    distance = (centre_a - centre_b).square().sum(-1).sqrt()  # [B, L]
+    distance = torch.where((count_a > 0) & (count_b > 0), distance, torch.full_like(distance, float("nan")))
+    return distance[0] if single else distance
+
+
 def _check_field(displacement: torch.Tensor) -> None:
     if not isinstance(displacement, torch.Tensor) or displacement.dim() != 4 or displacement.shape[1] != 2:
         shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
@@ -75,6 +123,32 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
 def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
     """Fraction of pixels with a non-positive Jacobian determinant, per field: [B] in [0, 1]."""
     return (jacobian_determinant(displacement) <= 0).flatten(1).double().mean(dim=1)
+
+
+def jacobian_determinant3d(displacement: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of the map ``p -> p + u(p)`` at every voxel of a 3D field.
+
+    Args:
+        displacement: [B, 3, Z, Y, X], channels (dz, dy, dx) in voxels.
+
+    Returns:
+        [B, Z, Y, X]: ``det(I + grad u)`` with the same differences as
+        :func:`jacobian_determinant` (exact for affine maps); <= 0 = folding.
+    """
+    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 5 or displacement.shape[1] != 3:
+        raise ValueError(f"displacement must be [B, 3, Z, Y, X] (dz, dy, dx), "
+                         f"got {tuple(getattr(displacement, 'shape', ()))}")
+    if min(displacement.shape[2:]) < 2:
+        raise ValueError(f"the field needs at least 2 voxels along each axis, got {tuple(displacement.shape[2:])}")
+    rows = [torch.stack(torch.gradient(displacement[:, c], dim=(1, 2, 3)), dim=-1)  # [B, Z, Y, X, 3]
+            for c in range(3)]
+    jacobian = torch.stack(rows, dim=-2) + torch.eye(3, dtype=displacement.dtype, device=displacement.device)
+    return torch.linalg.det(jacobian)
+
+
+def folding_fraction3d(displacement: torch.Tensor) -> torch.Tensor:
+    """Fraction of voxels with a non-positive Jacobian determinant, per field: [B] in [0, 1]."""
+    return (jacobian_determinant3d(displacement) <= 0).flatten(1).double().mean(dim=1)
 
 
 def log_jacobian_std(displacement: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

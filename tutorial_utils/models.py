@@ -86,3 +86,90 @@ def load_mindnet(path) -> FeatureCNN:
     except RuntimeError as exc:
         raise UnsafeCheckpointError(f"{path}: weights do not fit the MIND-net architecture ({exc})") from exc
     return model.eval()
+
+
+class DisplacementUNet(nn.Module):
+    """A compact U-Net of the VoxelMorph family: an image pair -> a dense displacement.
+
+    ``model(image_fixed, image_moving)`` with both [B, 1, H, W] (they are concatenated to
+    [B, 2, H, W], fixed first) returns the displacement [B, 2, H, W], channels (dy, dx) in
+    image pixels, with the convention of the whole project:
+    ``warped[y, x] = moving[y + dy, x + dx]``.
+
+    Architecture (no normalisation layers, so a pair's result never depends on the batch):
+
+    * encoder: ``len(channels)`` levels, each a 3x3 convolution with stride 2 and a
+      LeakyReLU(0.2) (the first level already works at 1/2 resolution), then a second 3x3
+      convolution at that level; level k is at 1/2^(k+1) of the image;
+    * decoder: from the coarsest level up to 1/2^``flow_level``: bilinear x2 upsampling,
+      concatenation with the encoder features of that level (the skip connection), two 3x3
+      convolutions with LeakyReLU;
+    * flow head: a 3x3 convolution to 2 channels at 1/2^``flow_level`` resolution, its
+      weights and bias zero-initialised (the untrained model returns the identity, zero
+      displacement), read in pixels of that resolution and upsampled bilinearly
+      (``align_corners=False``) to H x W with the values multiplied by 2^``flow_level``
+      (as :func:`~tutorial_utils.transform.upsample_displacement` does).
+
+    H and W must be divisible by :attr:`total_stride` = 2^len(channels).
+
+    Args:
+        channels: feature channels of the encoder levels (coarse levels last).
+        flow_level: resolution of the flow head, 1/2^flow_level (1 <= flow_level <= len(channels)).
+        decoder_channels: channels of the decoder convolutions (default: those of the
+            encoder level they sit on).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 32, 32), flow_level: int = 2,
+                 decoder_channels: int | None = None) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty tuple of positive integers, got {channels!r}")
+        if not isinstance(flow_level, int) or not 1 <= flow_level <= len(channels):
+            raise ValueError(f"flow_level must be an integer in 1..{len(channels)}, got {flow_level!r}")
+        self.channels, self.flow_level = channels, flow_level
+        self.total_stride = 2 ** len(channels)
+
+        def block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.2))
+
+        self.encoder = nn.ModuleList()
+        c_in = 2
+        for c in channels:
+            self.encoder.append(block(c_in, c, stride=2))
+            c_in = c
+        self.decoder = nn.ModuleList()
+        # decoder level k (k = len-2 down to flow_level-1) merges the upsampled coarser map with encoder level k
+        for k in range(len(channels) - 2, flow_level - 2, -1):
+            c_out = decoder_channels or channels[k]
+            self.decoder.append(block(c_in + channels[k], c_out))
+            c_in = c_out
+        self.flow = nn.Conv2d(c_in, 2, 3, padding=1)
+        nn.init.zeros_(self.flow.weight)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, image_fixed: torch.Tensor, image_moving: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] x 2 -> displacement [B, 2, H, W] (dy, dx) in image pixels."""
+        for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
+            if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
+                raise ValueError(f"DisplacementUNet expects {name} [B, 1, H, W], got {getattr(image, 'shape', image)}")
+        if image_fixed.shape != image_moving.shape:
+            raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving "
+                             f"{tuple(image_moving.shape)} must have the same shape")
+        H, W = image_fixed.shape[-2:]
+        if H % self.total_stride or W % self.total_stride:
+            raise ValueError(f"H and W must be divisible by the U-Net's total stride {self.total_stride} "
+                             f"(2^{len(self.channels)} levels), got {(H, W)}")
+        x = torch.cat([image_fixed, image_moving], 1)  # [B, 2, H, W]
+        skips = []
+        for level in self.encoder:
+            x = level(x)  # level k: [B, channels[k], H/2^(k+1), W/2^(k+1)]
+            skips.append(x)
+        for i, level in enumerate(self.decoder):
+            skip = skips[len(self.channels) - 2 - i]
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = level(torch.cat([x, skip], 1))
+        scale = 2 ** self.flow_level
+        flow = self.flow(x) * scale  # [B, 2, H/scale, W/scale], now in image pixels
+        return nn.functional.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False)

@@ -757,3 +757,512 @@ def make_phantom(
     finally:
         torch.set_num_threads(threads)
     return images, labels
+
+
+# --------------------------------------------------------------------------------------
+# 3D: synthetic abdominal CT volumes (notebook 05, "the road to 3D")
+# --------------------------------------------------------------------------------------
+#
+# A separate, compact renderer (the 2D one draws a random slice level per patient and its
+# random streams depend on it, so it cannot be stacked into a volume). The same eight labels,
+# tissue intensities and CT window; organs are 3D shapes (ellipsoids, tubes along 3D centre
+# lines) whose cross-sections change smoothly from slice to slice. Canonical coordinates:
+# reference pixels (about 1.2 mm) from the centre of the volume, x to the image's right
+# (patient's left), y posterior, z cranial; the "level" z / 64 runs from -1 (caudal, below the
+# kidneys' lower poles) to +1 (cranial, the liver dome and the fundus of the stomach).
+
+PHANTOM_VOLUME_VERSION: int = 1
+"""Bumped whenever :func:`make_phantom_volume` changes its output."""
+
+_LEVEL_PX = 64.0  # reference px from the centre to level +-1
+_COARSE3D = 4  # voxel step of the coarse look-up that finds the crop of a canonical box
+
+
+def _smooth_random_field(rng, channels, grid, size):
+    """Smooth random fields [C, *size] with about unit standard deviation: normal values on a
+    coarse ``grid`` (gz, gy, gx) spanning the volume, trilinearly upsampled 4x, blurred
+    (removes the kinks) and resampled to ``size`` (float64)."""
+    coarse = torch.from_numpy(rng.standard_normal((channels, *grid)))
+    fine_size = tuple(4 * (g - 1) + 1 for g in grid)
+    fine = F.interpolate(coarse[None], size=fine_size, mode="trilinear", align_corners=True)[0]
+    fine = _gaussian_blur3d(fine, 2.0)
+    fine = fine / fine.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    return F.interpolate(fine[None], size=size, mode="trilinear", align_corners=True)[0]
+
+
+def _gaussian_blur3d(x, sigma):
+    """Separable Gaussian blur of [C, Z, Y, X] float64 (replicated borders); sigma in voxels."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    grid = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (grid / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, -1)
+    y = x[:, None]  # [C, 1, Z, Y, X]
+    for axis in range(3):
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * radius + 1
+        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
+    return y[:, 0]
+
+
+def _resample3d(points, spacing):
+    """Points [M, 3] spaced ``spacing`` apart along the polyline ``points`` [K, 3] (numpy)."""
+    p = np.asarray(points, dtype=np.float64)
+    arc = np.concatenate([[0.0], np.cumsum(np.sqrt(((p[1:] - p[:-1]) ** 2).sum(1)))])
+    n = max(2, int(math.ceil(arc[-1] / spacing)) + 1)
+    s = np.linspace(0.0, arc[-1], n)
+    return np.stack([np.interp(s, arc, p[:, k]) for k in range(3)], axis=1)
+
+
+class _Scene3d(_Scene):
+    """The volume being painted: HU and labels [Z, Y, X], canonical coordinates X, Y, Z."""
+
+    def __init__(self, X, Y, Z, fields, scale):
+        self.X, self.Y, self.Z, self.fields = X, Y, Z, fields
+        self.hu = torch.full(X.shape, _HU_AIR, dtype=_F64)
+        self.lab = torch.zeros(X.shape, dtype=torch.uint8)
+        c = _COARSE3D
+        self._coarse = [t[::c, ::c, ::c] for t in (X, Y, Z)]
+        self._margin = 2.0 * c / scale  # canonical px, covers a coarse cell's diagonal
+
+    def view(self, box=None):
+        """The crop holding every voxel whose canonical coordinates lie in ``box`` =
+        (x0, x1, y0, y1, z0, z1); the whole volume for ``None``; ``None`` if outside."""
+        if box is None:
+            return _View3d(self, (slice(None),) * 3)
+        m = self._margin
+        inside = torch.ones_like(self._coarse[0], dtype=torch.bool)
+        for t, lo, hi in zip(self._coarse, box[0::2], box[1::2]):
+            inside &= (t > lo - m) & (t < hi + m)
+        if not inside.any():
+            return None
+        sl = []
+        for axis, n in enumerate(self.X.shape):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = inside.any(dim=other[1]).any(dim=other[0]).nonzero()
+            lo = max(0, (int(idx.min()) - 1) * _COARSE3D)
+            hi = min(n, (int(idx.max()) + 1) * _COARSE3D + 1)
+            sl.append(slice(lo, hi))
+        return _View3d(self, tuple(sl))
+
+
+class _View3d(_View):
+    def __init__(self, scene, sl):
+        super().__init__(scene, sl)
+        self.Z = scene.Z[sl]
+
+
+def _ellipsoid_dist(v, cx, cy, cz, a, b, c, ang=0.0, kx=0.0, ky=0.0, power=2.0, b_post=None):
+    """Approximate signed distance (reference px, < 0 inside) to a (super-)ellipsoid.
+
+    In-plane semi-axes ``a`` (along ``ang`` degrees) and ``b`` (across; ``b_post`` on the side
+    of +v), ``c`` along z; the centre moves by ``(kx, ky)`` per unit of z (a tilted organ).
+    ``a``, ``b``, ``c`` may be tensors of the view's shape (cross-sections that change with z).
+    """
+    w = v.Z - cz
+    dx, dy = v.X - cx - kx * w, v.Y - cy - ky * w
+    t = math.radians(ang)
+    u = dx * math.cos(t) + dy * math.sin(t)
+    q = -dx * math.sin(t) + dy * math.cos(t)
+    if b_post is not None:
+        b = torch.where(q > 0, b_post, b) if isinstance(b_post, torch.Tensor) else torch.where(
+            q > 0, torch.full_like(q, b_post), torch.full_like(q, b) if not isinstance(b, torch.Tensor) else b)
+    if power == 2.0:
+        r = torch.sqrt((u / a) ** 2 + (q / b) ** 2 + (w / c) ** 2)
+    else:
+        r = ((u / a).abs() ** power + (q / b).abs() ** power + (w / c).abs() ** power) ** (1.0 / power)
+    rho = torch.sqrt(u * u + q * q + w * w)
+    return rho - rho / r.clamp_min(1e-9)
+
+
+def _segment_tube(scene, view, pts, radius, pad):
+    """Signed distance (reference px, < 0 inside) over ``view`` to a tube around the polyline
+    ``pts`` [M, 3] (x, y, z) with radius ``radius`` [M] (linear along each segment). Each
+    segment is evaluated only in the crop of its own bounding box."""
+    d = torch.full(view.X.shape, math.inf, dtype=_F64)
+    origin = [s.start or 0 for s in view.sl]
+    for p0, p1, r0, r1 in zip(pts[:-1], pts[1:], radius[:-1], radius[1:]):
+        lo = np.minimum(p0, p1) - max(r0, r1) - pad
+        hi = np.maximum(p0, p1) + max(r0, r1) + pad
+        seg = scene.view((lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]))
+        if seg is None:
+            continue
+        sub = tuple(slice(s.start - o, s.stop - o) for s, o in zip(seg.sl, origin))
+        e = p1 - p0
+        length2 = max(float(e @ e), 1e-12)
+        rel = [seg.X - p0[0], seg.Y - p0[1], seg.Z - p0[2]]
+        t = ((rel[0] * e[0] + rel[1] * e[1] + rel[2] * e[2]) / length2).clamp(0.0, 1.0)
+        dist = torch.sqrt((rel[0] - t * e[0]) ** 2 + (rel[1] - t * e[1]) ** 2 + (rel[2] - t * e[2]) ** 2)
+        torch.minimum(d[sub], dist - (r0 + t * (r1 - r0)), out=d[sub])
+    return d
+
+
+def _render_volume(seed, index, depth, height, width, supersample):
+    """HU [Z, Y, X] float64 and labels [Z, Y, X] uint8 of one synthetic patient at the
+    output resolution (rendered ``supersample`` times finer and averaged / majority-voted)."""
+    scale = min(height / REFERENCE_SHAPE[0], width / REFERENCE_SHAPE[1])  # voxels per ref px
+    ss = supersample
+    zs, hs, ws, sc = depth * ss, height * ss, width * ss, scale * ss
+    rng = np.random.default_rng([seed, index, 3])  # the anatomy
+    rng_tex = np.random.default_rng([seed, index, 4])  # textures and noise
+
+    def N(sd=1.0):  # jitter: normal, truncated at 2.2 standard deviations
+        return float(np.clip(rng.normal(0.0, sd), -2.2 * sd, 2.2 * sd))
+
+    def U(a, b):
+        return float(rng.uniform(a, b))
+
+    def pick(options, p):
+        return options[int(rng.choice(len(options), p=p))]
+
+    # ---- voxel grid in reference px; the patient's pose, size and elastic deformation --
+    axes = [(torch.arange(n, dtype=_F64) + 0.5 - n / 2) / sc for n in (zs, hs, ws)]
+    Za, Ya, Xa = torch.meshgrid(*axes, indexing="ij")
+    gx, gy, gz = N(3.5), N(3.5), N(6.0)
+    gsx, gsy, gsz = (1.0 + float(np.clip(rng.normal(0.0, 0.045), -0.09, 0.09)) for _ in range(3))
+    elastic = _smooth_random_field(rng, 3, (4, 5, 6), (zs, hs, ws))
+    X = (Xa - gx) / gsx + _ELASTIC_PX * elastic[0]
+    Y = (Ya - gy) / gsy + _ELASTIC_PX * elastic[1]
+    Z = (Za - gz) / gsz + _ELASTIC_PX * elastic[2]
+    del elastic
+    level = Z / _LEVEL_PX
+
+    def texture(sigma):  # two unit-std noise channels at the output resolution, upsampled
+        noise = _gaussian_blur3d(torch.from_numpy(rng_tex.standard_normal((2, depth, height, width))), sigma)
+        noise = noise / noise.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        return F.interpolate(noise[None], size=(zs, hs, ws), mode="trilinear", align_corners=False)[0]
+
+    fields = {"wob": _smooth_random_field(rng, 10, (7, 9, 11), (zs, hs, ws)),
+              "fine": texture(0.6), "medium": texture(1.5)}
+    scene = _Scene3d(X, Y, Z, fields, sc)
+    full = scene.view()
+
+    # ---- body: subcutaneous fat, muscle wall, abdominal cavity (elliptic cylinders) -----
+    cav_cx, cav_cy = N(2.0), N(2.0)
+    cav_a0 = 112.0 * (1 + N(0.04))
+    cav_a = cav_a0 * (1.0 + 0.04 * level)
+    cav_ant, cav_post = 74.0 * (1 + N(0.05)), 80.0 * (1 + N(0.03))
+    u, q = X - cav_cx, Y - cav_cy
+    bb = torch.where(q > 0, torch.full_like(q, cav_post), torch.full_like(q, cav_ant))
+    rho = torch.sqrt(u * u + q * q).clamp_min(1e-6)
+    r = ((u / cav_a).abs() ** 2.3 + (q / bb).abs() ** 2.3) ** (1.0 / 2.3)
+    d_cav = rho - rho / r.clamp_min(1e-9) - 2.0 * full.wob[0]
+    sin_phi = q / rho
+    ant, post = (-sin_phi).clamp_min(0) ** 1.5, sin_phi.clamp_min(0) ** 1.5
+    fat_lat, fat_ant, fat_post = U(5, 24), U(5, 28), U(3, 12)
+    fat = fat_lat + (fat_ant - fat_lat) * ant + (fat_post - fat_lat) * post + 1.5 * full.wob[1]
+    lat = 1.0 - ant - post
+    rectus = torch.exp(-(((u.abs() - 30.0) / 16.0) ** 2))
+    mus = 3.0 + 8.0 * lat + 9.0 * ant * rectus + 10.0 * post
+    body, cavity = d_cav < mus + fat, d_cav < 0
+    fields["cavity"] = cavity
+    table_y = gy + gsy * (cav_cy + cav_post + 13.0 + fat_post) + 3.0
+    full.paint((Ya > table_y) & (Ya < table_y + 4.0) & (Xa.abs() < 150.0) & ~body, 250.0)
+    full.paint(body, _HU_FAT + 6.0 * full.medium[0])
+    full.paint(body & (d_cav > mus + fat - 1.5), 30.0)  # skin
+    full.paint(d_cav < mus, _HU_MUSCLE + 6.0 * full.medium[0])
+    full.paint(cavity, _HU_FAT + 8.0 + 6.0 * full.medium[1])  # mesenteric fat
+    del u, q, bb, rho, r, sin_phi, ant, post, fat, lat, rectus, mus, body, d_cav
+
+    def ellipsoid(cx, cy, cz, a, b, c, ang=0.0, kx=0.0, ky=0.0, pad=6.0):
+        """(view, signed distance) of an ellipsoid, or (None, None) outside the volume."""
+        rr = max(a, b) + pad
+        sx, sy = abs(kx) * c, abs(ky) * c
+        v = scene.view((cx - rr - sx, cx + rr + sx, cy - rr - sy, cy + rr + sy, cz - c - pad, cz + c + pad))
+        if v is None:
+            return None, None
+        return v, _ellipsoid_dist(v, cx, cy, cz, a, b, c, ang, kx, ky)
+
+    def tube(points, radius, pad=4.0, spacing=4.0):
+        """(view, signed distance) of a tube along a 3D spline through ``points`` [K, 3]."""
+        pts = _resample3d(_catmull_rom(np.asarray(points, dtype=np.float64)), spacing)
+        rad = np.interp(np.linspace(0, 1, len(pts)), np.linspace(0, 1, np.size(radius)),
+                        np.atleast_1d(np.asarray(radius, dtype=np.float64)))
+        lo, hi = pts.min(0) - rad.max() - pad, pts.max(0) + rad.max() + pad
+        v = scene.view((lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]))
+        if v is None:
+            return None, None
+        return v, _segment_tube(scene, v, pts, rad, pad)
+
+    L = _LEVEL_PX  # level -> canonical z
+
+    def lumen(v, outer, d, wall, kind, cy):
+        """Bowel wall and content (the air rises anteriorly: smaller y)."""
+        v.paint(outer, _HU_BOWEL_WALL + 8.0 * v.fine[0])
+        inner = outer & (d < -wall)
+        if kind == "collapsed":
+            v.paint(inner, _HU_BOWEL_WALL - 15.0 + 10.0 * v.fine[1])
+        elif kind == "air":
+            v.paint(inner, torch.where(v.Y < cy, _HU_AIR, 15.0 + 5.0 * v.fine[1]))
+        elif kind == "feces":
+            content = 10.0 + 40.0 * v.medium[0] + 30.0 * v.fine[1]
+            v.paint(inner, torch.where(v.fine[0] > 0.9, -850.0 + 0.0 * content, content))
+        else:
+            v.paint(inner, 12.0 + 6.0 * v.fine[1])
+
+    # ---- unlabelled small bowel loops and the colon --------------------------------------
+    for k in range(int(rng.integers(10, 16))):
+        rr = U(7.0, 13.0)
+        cx, cy, cz = U(-40.0, 100.0), U(-66.0, 20.0), U(-1.15, 0.3) * L
+        v, d = ellipsoid(cx, cy, cz, rr * U(1.0, 1.5), rr, U(10.0, 22.0), U(0, 180))
+        if v is not None:
+            d = d - 1.5 * v.wob[2 + k % 3]
+            lumen(v, v.cavity & (d < 0), d, 2.5, pick(("fluid", "collapsed", "air", "feces"), [0.4, 0.35, 0.12, 0.13]),
+                  cy + U(-0.3, 0.5) * rr)
+    colon_y, colon_z = -60.0 + N(4), (-0.1 + N(0.08)) * L
+    colon = [(-95.0 + N(4), 22.0 + N(4), -1.3 * L), (-95.0 + N(4), 10.0, colon_z - 10), (-60.0, colon_y, colon_z),
+             (0.0, colon_y + N(4), colon_z - 12.0 + N(6)), (60.0, colon_y, colon_z + 10),
+             (98.0 + N(4), 15.0, colon_z + 22.0), (98.0 + N(4), 28.0 + N(4), -1.3 * L)]
+    cr = U(10.0, 13.0)
+    v, d = tube(colon, cr)
+    if v is not None:
+        lumen(v, v.cavity & (d < 0), d, 3.0, pick(("air", "feces"), [0.5, 0.5]), colon_y - 0.2 * cr)
+
+    # ---- spleen (image right, posterolateral, cranial; concave medial surface) -----------
+    size = U(0.85, 1.15)
+    cx, cy, cz = 88.0 + N(_ORGAN_SD), 24.0 + N(_ORGAN_SD), (0.45 + N(0.08)) * L
+    a, b, c, ang = 40.0 * size, 19.0 * size, 42.0 * size, -67.0 + N(8)
+    v, d = ellipsoid(cx, cy, cz, a, b, c, ang, kx=-0.25, ky=0.3, pad=10.0)
+    if v is not None:
+        t = math.radians(ang)
+        nx, ny = math.sin(t), -math.cos(t)  # towards the medial side
+        inner = _ellipsoid_dist(v, cx + 1.6 * b * nx, cy + 1.6 * b * ny, cz, 0.8 * a, b, 1.2 * c, ang, -0.25, 0.3)
+        d = torch.maximum(d, -inner) - 3.0 * v.wob[3]
+        v.paint(v.cavity & (d < 0), _HU_SPLEEN + N(6.0) + 3.0 * v.medium[0], _SPLEEN)
+
+    # ---- liver (image left, cranial) and its left lobe, portal veins inside --------------
+    ls = U(0.85, 1.15)
+    lcx, lcy, lcz = -75.0 + N(1.3 * _ORGAN_SD), -14.0 + N(1.3 * _ORGAN_SD), (0.5 + N(0.08)) * L
+    v_liver, d_liver = ellipsoid(lcx, lcy, lcz, 52.0 * ls, 70.0 * ls, 72.0 * ls, 15.0 + N(8), kx=0.15)
+    v = v_liver
+    lobe = _ellipsoid_dist(v, -22.0 + N(5), -52.0 + N(4), (0.7 + N(0.08)) * L, 48.0 * ls, 16.0 * ls, 38.0 * ls,
+                           -12.0 + N(6))
+    d = torch.minimum(d_liver, lobe) - 5.0 * v.wob[4]
+    liver_hu = _HU_LIVER + N(6.0)
+    v.paint(v.cavity & (d < 0), liver_hu + 4.0 * v.medium[1] + 2.0 * v.fine[0], _LIVER)
+    vessel_hu = liver_hu + 55.0 + N(8.0)
+    hx, hy, hz = lcx + 36.0 + N(4), lcy + 10.0 + N(4), (0.2 + N(0.05)) * L  # the hilum
+    for _ in range(5):
+        az, el, length = U(100, 260), U(-30, 50), U(40, 70) * ls
+        dx, dy = math.cos(math.radians(az)), math.sin(math.radians(az))
+        end = (hx + length * dx * math.cos(math.radians(el)), hy + length * dy * math.cos(math.radians(el)),
+               hz + length * math.sin(math.radians(el)))
+        mid = tuple((p + e) / 2 + N(6) for p, e in zip((hx, hy, hz), end))
+        v, d = tube([(hx, hy, hz), mid, end], [4.0, 2.0], pad=2.0)
+        if v is not None:
+            v.shade((d < 0) & (v.lab == _LIVER), vessel_hu + 5.0 * v.fine[1])
+
+    # ---- kidneys: the left one labelled, the right one (lower) an unlabelled look-alike --
+    def kidney(cx, cy, cz, ang, size, label, hilum_sign):
+        a, b, c = 27.0 * size, 16.0 * size, 44.0 * size
+        v, d = ellipsoid(cx, cy, cz, a, b, c, ang, kx=-0.12 * hilum_sign, pad=10.0)
+        if v is None:
+            return
+        d = d - 2.0 * v.wob[5]
+        t = math.radians(ang + hilum_sign * 90.0)
+        sinus = _ellipsoid_dist(v, cx + 0.5 * b * math.cos(t), cy + 0.5 * b * math.sin(t), cz,
+                                0.45 * a, 0.4 * b, 0.6 * c, ang, -0.12 * hilum_sign)
+        kid = v.cavity & (d < 0)
+        v.shade(v.cavity & (d < 4.0) & ~kid & (v.lab == 0), _HU_FAT + 5.0 * v.medium[0])  # perirenal fat
+        hu = torch.where(d < -4.5 * size, _HU_KIDNEY_MEDULLA + 8.0 * v.medium[1], _HU_KIDNEY_CORTEX + 6.0 * v.fine[1])
+        hu = torch.where(sinus < 0, -60.0 + 20.0 * v.medium[0], hu)
+        hu = torch.where(sinus < -3.0, 20.0 + 0.0 * hu, hu)  # renal pelvis
+        v.paint(kid, hu, label)
+
+    kidney(-62.0 + N(_ORGAN_SD), 44.0 + N(_ORGAN_SD), (-0.4 + N(0.08)) * L, 55.0 + N(8), U(0.85, 1.1), 0, -1.0)
+    kidney(62.0 + N(_ORGAN_SD), 40.0 + N(_ORGAN_SD), (-0.22 + N(0.08)) * L, -55.0 + N(8), U(0.85, 1.1), _LKIDNEY, 1.0)
+
+    # ---- esophagus (cranial) into the stomach (J-shaped tube: fundus, body, antrum) ------
+    ax_c, ay_c, r_ao = 8.0 + N(2.5), 18.0 + N(2.5), 9.0 + N(0.8)
+    eso = [(ax_c + 14.0 + N(2), ay_c - 10.0 + N(2), 1.5 * L), (ax_c + 16.0, ay_c - 14.0, 0.85 * L),
+           (28.0 + N(3), -20.0 + N(3), 0.5 * L)]
+    v, d = tube(eso, U(6.0, 7.5))
+    if v is not None:
+        v.paint(d < 0, _HU_MUSCLE + 5.0 + 6.0 * v.fine[1], _ESOPHAGUS)
+    ss_ = U(0.8, 1.15)
+    sshift = np.array([N(_ORGAN_SD), N(_ORGAN_SD), N(4.0)])
+    stomach = np.array([(58, -4, 0.92 * L), (58, -24, 0.62 * L), (56, -42, 0.3 * L), (34, -56, 0.08 * L),
+                        (2, -52, 0.05 * L), (-12, -36, 0.12 * L)]) + sshift
+    v, d = tube(stomach, np.array([22.0, 25.0, 22.0, 16.0, 11.0, 8.0]) * ss_, pad=8.0)
+    if v is not None:
+        d = d - 3.0 * v.wob[6]
+        outer = v.cavity & (d < 0)
+        kind = pick(("fluid", "food", "collapsed", "contrast"), [0.45, 0.3, 0.15, 0.1])
+        wall = U(3.5, 5.5) + 1.5 * v.fine[0].clamp(-1, 1) + (6.0 if kind == "collapsed" else 0.0)
+        v.paint(outer, _HU_BOWEL_WALL + 20.0 + 8.0 * v.fine[1], _STOMACH)
+        if kind == "food":
+            content = 25.0 + 30.0 * v.medium[1] + 20.0 * v.fine[1]
+        elif kind == "contrast":
+            content = _HU_ORAL_CONTRAST * U(0.6, 1.0) + 20.0 * v.fine[1]
+        elif kind == "collapsed":
+            content = 20.0 + 10.0 * v.fine[1]
+        else:
+            content = _HU_FLUID + 5.0 + 5.0 * v.fine[1]
+        content = torch.where(v.Y < -50.0 + sshift[1] + U(-8, 8), _HU_AIR + 0.0 * content, content)
+        v.paint(outer & (d < -wall), content, _STOMACH)
+
+    # ---- duodenum (C-loop: descending part vertical, around the pancreatic head) --------
+    pshift = np.array([N(_ORGAN_SD), N(_ORGAN_SD), N(4.0)])
+    duo = np.array([(-12, -36, 0.12 * L), (-40, -26, 0.08 * L), (-54, 0, -0.12 * L), (-52, 10, -0.45 * L),
+                    (-30, 30, -0.62 * L), (0, 30, -0.62 * L), (24, 20, -0.45 * L), (30, 8, -0.28 * L)])
+    duo = duo + 0.7 * pshift + np.clip(rng.normal(0, 2.5, duo.shape), -5.0, 5.0)
+    duo_w = 8.5 * U(0.85, 1.2)
+    v, d = tube(duo, duo_w)
+    if v is not None:
+        d = d - 1.5 * v.wob[7]
+        outer = v.cavity & (d < 0)
+        v.paint(outer, _HU_BOWEL_WALL + 8.0 + 8.0 * v.fine[1], _DUODENUM)
+        if rng.random() < 0.55:
+            v.paint(outer & (d < -0.45 * duo_w), 12.0 + 6.0 * v.fine[1], _DUODENUM)
+
+    # ---- pancreas: head in the C-loop (uncinate process caudal), tail up to the spleen ---
+    pan = np.array([(-34, 8, -0.38 * L), (-28, -4, -0.2 * L), (-8, -16, -0.08 * L), (18, -18, 0.0),
+                    (42, -12, 0.1 * L), (64, 0, 0.22 * L)]) + pshift + np.clip(rng.normal(0, 2.5, (6, 3)), -5, 5)
+    v, d = tube(pan, np.array([14.0, 12.0, 8.5, 9.5, 9.0, 7.5]) * U(0.85, 1.15))
+    if v is not None:
+        d = d - 1.8 * v.medium[1] - 1.5 * v.wob[8]
+        pan_hu = _HU_PANCREAS + N(5.0) + 8.0 * v.fine[0] + 4.0 * v.medium[0]
+        pan_hu = torch.where(v.medium[0] > 1.3, -30.0 + 25.0 * v.fine[0], pan_hu)  # fatty clefts
+        v.paint(v.cavity & (d < 0) & (v.lab != _DUODENUM), pan_hu, _PANCREAS)
+
+    # ---- gallbladder (bile, at the liver's inferior-medial edge) ------------------------
+    if rng.random() < 0.85:
+        gs = U(0.75, 1.2)
+        v, d = ellipsoid(-52.0 + N(_ORGAN_SD), -34.0 + N(_ORGAN_SD), (0.05 + N(0.1)) * L, 17.0 * gs, 11.0 * gs,
+                         26.0 * gs, 60.0 + N(20), ky=-0.3)
+        if v is not None:
+            gb = v.cavity & (d - 1.5 * v.wob[9] < 0)
+            v.paint(gb, 55.0 + 5.0 * v.fine[0], _GALLBLADDER)
+            v.paint(gb & (d < -1.5), _HU_BILE + 4.0 * v.fine[1], _GALLBLADDER)
+
+    # ---- vessels (unlabelled): splenic and portal vein, SMV, SMA, left renal vein, aorta, IVC
+    portal_hu = _HU_PORTAL + N(8.0)
+    veins = [[(-8, -3, -1.3 * L), (-8, -3, -0.3 * L), (-10, -4, 0.0), (-40 + pshift[0], -6, 0.2 * L)],  # SMV, portal
+             [(-8, -4, -0.05 * L), (16, -6, 0.0), (40, -2, 0.1 * L), (62, 8, 0.2 * L), (80, 14, 0.3 * L)]]  # splenic
+    for pts in veins:
+        v, d = tube(np.array(pts) + pshift * [1.0, 1.0, 0.0], U(3.3, 5.0))
+        if v is not None:
+            v.paint(v.cavity & (d < 0), portal_hu + 5.0 * v.fine[1])
+    v, d = tube([(ax_c, ay_c, 0.05 * L), (ax_c + N(1.5), ay_c - 16.0, -0.1 * L), (ax_c + N(1.5), ay_c - 20.0, -1.3 * L)],
+                   3.5, pad=8.0)  # SMA in its fat collar
+    if v is not None:
+        v.paint(v.cavity & (d < 4.0) & (v.lab == 0), _HU_FAT + 5.0 * v.medium[0])
+        v.paint(v.cavity & (d < 0), _HU_AORTA - 10.0 + 5.0 * v.fine[1])
+    v, d = tube([(58, 34, -0.22 * L), (28, 8, -0.15 * L), (8, 4, -0.15 * L), (-22, 10, -0.18 * L)], 2.8)
+    if v is not None:
+        v.paint(v.cavity & (d < 0) & (v.lab == 0), _HU_IVC + 5.0 * v.fine[1])
+    aorta = [(ax_c - 3.0, ay_c + 2.0, 1.5 * L), (ax_c, ay_c, 0.0), (ax_c + 3.0 + N(2), ay_c - 2.0, -1.5 * L)]
+    v, d = tube(aorta, r_ao + 1.5, pad=2.0)
+    if v is not None:
+        v.paint(d < 0, _HU_MUSCLE + 10.0)  # wall, crura
+        v.paint(d < -1.5, _HU_AORTA + N(12.0) + 5.0 * v.fine[1])
+    ivc_x, ivc_y = -24.0 + N(2.5), 14.0 + N(2.5)
+    v, d = ellipsoid(ivc_x, ivc_y, 0.0, 12.0 * U(0.8, 1.15), 8.0 * U(0.6, 1.1), 3.0 * L, N(10), kx=-0.05)
+    if v is not None:
+        v.paint(d < 0, _HU_IVC + N(12.0) + 5.0 * v.fine[1])
+
+    # ---- psoas, back muscles, spine (vertebrae and discs), ribs: painted last ----------
+    for sgn in (-1.0, 1.0):
+        v = scene.view((sgn * 28.0 - 30, sgn * 28.0 + 30, 14.0, 74.0, -1.5 * L, 1.5 * L))
+        if v is not None:
+            grow = (0.8 - 0.3 * v.Z / L).clamp(0.2, 1.2)
+            d = _ellipsoid_dist(v, sgn * 28.0, 44.0, 0.0, 12.0 * grow, 9.0 * grow, 1e6, sgn * 65.0)
+            v.paint((d < 0) & (v.Z < 0.6 * L), _HU_MUSCLE + 5.0 * v.medium[0])
+        v, d = ellipsoid(sgn * 29.0 + N(1.5), 78.0 + N(1.5), 0.0, 24.0, 14.0, 1e6, sgn * 8.0, pad=8.0)
+        if v is not None:
+            musc = torch.where(v.medium[1] > 1.6, _HU_FAT + 20.0 * v.medium[0], _HU_MUSCLE + 5.0 * v.medium[0])
+            v.paint(d - 1.5 * v.wob[1] < 0, musc)
+    vbx, vby = N(1.5), 42.0 + N(1.5)
+    v = scene.view((vbx - 35, vbx + 35, vby - 20, vby + 52, -1.5 * L, 1.5 * L))
+    if v is not None:
+        period, phase = 36.0 + N(1.5), U(0.0, 1.0)
+        disc = torch.remainder(v.Z / period + phase, 1.0) < 0.22  # intervertebral discs
+        d_vb = _ellipsoid_dist(v, vbx, vby, 0.0, 19.0 + N(1.0), 15.0 + N(1.0), 1e6, power=2.2)
+        bone = torch.where(d_vb < -2.5, _HU_BONE_MARROW + 50.0 * v.fine[0], _HU_BONE_CORTEX + 50.0 * v.fine[0])
+        v.paint(d_vb < 0, torch.where(disc, 85.0 + 5.0 * v.fine[1], bone))
+        d_canal = torch.sqrt((v.X - vbx) ** 2 + (v.Y - vby - 24.0) ** 2)
+        arch = (d_canal < 12.5) & ((v.Y > vby + 16.0) | ((v.X - vbx).abs() > 6.0)) & (v.Y > vby + 8.0)
+        spinous = (_ellipsoid_dist(v, vbx, vby + 37.0, 0.0, 8.0, 4.0, 1e6, 90.0) < 0) & ~disc
+        v.paint(arch | spinous, _HU_BONE_CORTEX - 150.0 + 60.0 * v.fine[0])
+        v.paint(d_canal < 8.0, 25.0 + 4.0 * v.fine[1])
+    for sgn in (-1.0, 1.0):  # ribs: arcs around the cavity, sloping down anteriorly, cranial half
+        for k in range(int(rng.integers(3, 5))):
+            z0 = (0.0 + 0.32 * k + N(0.04)) * L
+            arc = [(cav_cx + sgn * (cav_a0 + 4.0) * math.cos(phi),
+                    cav_cy + (cav_post if phi > 0 else cav_ant) * 1.05 * math.sin(phi),
+                    z0 - 15.0 * (1.0 - math.sin(phi))) for phi in np.radians(np.linspace(75, -35, 7))]
+            v, d = tube(arc, 3.5, pad=2.0)
+            if v is not None:
+                v.paint(d < 0, 550.0 + 40.0 * v.fine[0])
+                v.paint(d < -1.3, 200.0 + 30.0 * v.fine[1])
+
+    # ---- down to the output grid: mean HU (partial volume), majority label; scanner ----
+    hu, lab = scene.hu, scene.lab
+    if ss > 1:
+        hu = F.avg_pool3d(hu[None, None], ss)[0, 0]
+        votes = F.avg_pool3d(F.one_hot(lab.long(), NUM_LABELS).permute(3, 0, 1, 2)[None].to(_F64), ss)[0]
+        lab = votes.argmax(0).to(torch.uint8)
+    hu = _gaussian_blur3d(hu[None], 0.4)[0]
+    noise = _gaussian_blur3d(torch.from_numpy(rng_tex.standard_normal((1, depth, height, width))), 0.6)[0]
+    hu = hu + U(5.0, 8.0) * noise / noise.std().clamp_min(1e-12)
+    return hu, lab
+
+
+def make_phantom_volume(
+    num_volumes: int = 2,
+    seed: int = 0,
+    shape: tuple[int, int] = (64, 80),
+    depth: int = 32,
+    supersample: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic abdominal CT volumes with the eight organ labels, one "patient" each.
+
+    The 3D counterpart of :func:`make_phantom` (a separate renderer; the 2D slices are not
+    affected): organs are 3D shapes whose cross-sections change smoothly from slice to slice
+    (the liver, spleen and stomach fill the cranial slices, the kidneys and the duodenal
+    C-loop the caudal ones, the pancreas runs obliquely upwards to the spleen). Two patients
+    differ by a realistic inter-patient deformation: position (+-3.5 ref px, +-6 in z), size
+    (+-4.5 % per axis), a smooth elastic deformation (6.5 ref px) and every organ's own shift
+    (5.5 ref px) and size (+-15 %): organs about 10-20 reference px (2.5-5 voxels at the
+    default size) apart.
+
+    Args:
+        num_volumes: N >= 1; volume ``i`` depends only on ``(seed, i)``.
+        seed: non-negative integer; the same arguments give the same volumes.
+        shape: (Y, X) = (rows, columns) of every slice, >= 16; the anatomy is designed on the
+            256 x 320 reference grid and scaled isotropically (64 x 80: 4.8 mm voxels).
+        depth: Z, number of slices >= 4, at the in-plane voxel spacing (isotropic voxels),
+            slice 0 caudal; 32 slices at 64 x 80 cover the levels -1..1 (about 15 cm).
+        supersample: rendered this many times finer per axis, then intensities averaged
+            (partial volume) and labels majority-voted (2: about 1 s per volume; 1: faster,
+            blockier organ borders).
+
+    Returns:
+        ``volumes`` uint8 [N, Z, Y, X]: CT windowed from [-200, 300] HU to 0..255 (divide by
+        255 for [B, 1, Z, Y, X] float input), and ``labels`` uint8 [N, Z, Y, X], values 0..8
+        (``LABEL_NAMES``).
+    """
+    n = _check_int("num_volumes", num_volumes, 1)
+    seed = _check_int("seed", seed, 0)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise ValueError(f"shape must be a (height, width) pair, got {shape!r}")
+    height = _check_int("shape[0] (height)", shape[0], 16)
+    width = _check_int("shape[1] (width)", shape[1], 16)
+    depth = _check_int("depth", depth, 4)
+    supersample = _check_int("supersample", supersample, 1)
+    volumes = torch.empty((n, depth, height, width), dtype=torch.uint8)
+    labels = torch.empty((n, depth, height, width), dtype=torch.uint8)
+    lo, hi = WINDOW_HU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(n):
+            hu, lab = _render_volume(seed, i, depth, height, width, supersample)
+            volumes[i] = ((hu - lo) / (hi - lo) * 255.0).clamp(0.0, 255.0).round().to(torch.uint8)
+            labels[i] = lab
+    finally:
+        torch.set_num_threads(threads)
+    return volumes, labels

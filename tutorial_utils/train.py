@@ -844,43 +844,66 @@ def train_features(
 
 
 def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tuple[int, int]] | None = None,
-                          batch_size: int = 8, **kwargs) -> dict:
+                          batch_size: int = 8, register=None, **kwargs) -> dict:
     """Register every (fixed, moving) pair and measure Dice and folding.
 
     Args:
         dataset: the slices. features: ``None`` for no registration (identity), else what
             :func:`~tutorial_utils.registration.register_images` takes ("mind", a model, ...).
         pairs: (fixed, moving) slice indices; default ``dataset.test_pairs()``.
+        register: optional callable ``(image_fixed [b, 1, H, W], image_moving [b, 1, H, W])
+            -> displacement [b, 2, H, W]`` used instead of ``register_images`` (then
+            ``features`` and ``kwargs`` are not used), so that any method (the U-Net of
+            :mod:`~tutorial_utils.continuous`, instance optimisation, ...) is measured by
+            exactly this code. It gets CPU tensors, ``batch_size`` pairs at a time, and is
+            called under ``torch.no_grad()``.
         kwargs: passed to ``register_images``.
 
     Returns:
         ``{"pairs": [P, 2] ints, "dice": float64 [P, L] (per label value, NaN where a label
         is in neither map), "mean_dice": [P] (foreground labels present), "folding": [P]
-        (fraction of pixels with det J <= 0), "seconds": wall time}``.
+        (fraction of pixels with det J <= 0), "seconds": wall time of everything,
+        "seconds_per_pair": wall time of the registration alone (the ``register_images`` /
+        ``register`` calls, not the Dice and folding) divided by P}``.
     """
     from .metrics import dice, folding_fraction
     from .registration import register_images
     from .transform import warp_labels
 
+    if register is not None and not callable(register):
+        raise ValueError(f"register must be a callable (image_fixed, image_moving) -> displacement, "
+                         f"got {type(register).__name__}")
     pairs = list(dataset.test_pairs() if pairs is None else pairs)
-    if isinstance(features, nn.Module):
+    if register is None and isinstance(features, nn.Module):
         features.eval()
-    device = next(features.parameters()).device if isinstance(features, nn.Module) else torch.device("cpu")
+    device = (next(features.parameters()).device if register is None and isinstance(features, nn.Module)
+              else torch.device("cpu"))
     L = dataset.num_labels
     dices, foldings = [], []
+    registering = 0.0
     start = time.perf_counter()
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         fixed = torch.tensor([f for f, _ in chunk])
         moving = torch.tensor([m for _, m in chunk])
         labels_moving = dataset.labels[moving]
-        if features is None:
+        if register is None and features is None:
             warped = labels_moving
             foldings += [0.0] * len(chunk)
         else:
+            image_fixed, image_moving = dataset.images[fixed].to(device), dataset.images[moving].to(device)
+            begin = time.perf_counter()
             with torch.no_grad():
-                displacement = register_images(dataset.images[fixed].to(device), dataset.images[moving].to(device),
-                                               features, **kwargs).cpu()
+                if register is not None:
+                    displacement = register(image_fixed, image_moving)
+                else:
+                    displacement = register_images(image_fixed, image_moving, features, **kwargs)
+            registering += time.perf_counter() - begin
+            expected = (len(chunk), 2, *dataset.image_size)
+            if not isinstance(displacement, torch.Tensor) or tuple(displacement.shape) != expected:
+                raise ValueError(f"register must return a displacement {list(expected)}, "
+                                 f"got {getattr(displacement, 'shape', type(displacement).__name__)}")
+            displacement = displacement.cpu()
             warped = warp_labels(labels_moving, displacement, L)
             foldings += folding_fraction(displacement).tolist()
         dices += [dice(dataset.labels[f], w, L) for f, w in zip(fixed.tolist(), warped)]
@@ -889,7 +912,8 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
     mean = torch.where(torch.isfinite(foreground), foreground, torch.zeros(())).sum(1) / torch.isfinite(
         foreground).sum(1).clamp_min(1)
     return {"pairs": torch.tensor(pairs), "dice": per_label, "mean_dice": mean,
-            "folding": torch.tensor(foldings, dtype=torch.float64), "seconds": time.perf_counter() - start}
+            "folding": torch.tensor(foldings, dtype=torch.float64), "seconds": time.perf_counter() - start,
+            "seconds_per_pair": registering / max(len(pairs), 1)}
 
 
 # =========================================================================== the 2019 loop

@@ -4,7 +4,8 @@ Taught in ``notebooks/03_regularisation.ipynb``. Convention (the whole project u
 ``displacement`` [B, 2, H, W] holds (dy, dx) in pixels of the image it is applied to, and
 ``warped[y, x] = moving[y + dy(y, x), x + dx(y, x)]`` (a "pull" / backward warp: for every
 fixed pixel, where to look in the moving image). Pixel centres are at integer coordinates
-0..H-1 and 0..W-1 (``grid_sample`` with ``align_corners=True``).
+0..H-1 and 0..W-1 (``grid_sample`` with ``align_corners=True``). The 3D counterparts
+(notebook 05) end in ``3d``: volumes [B, C, Z, Y, X], displacement [B, 3, Z, Y, X] (dz, dy, dx).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ __all__ = [
     "compose_displacements",
     "affine_displacement",
     "translation_displacement",
+    "identity_grid3d",
+    "warp3d",
+    "warp_labels3d",
+    "upsample_displacement3d",
+    "interpolate_control_field3d",
 ]
 
 
@@ -189,3 +195,150 @@ def translation_displacement(shift: torch.Tensor, size: tuple[int, int]) -> torc
         raise ValueError(f"shift must be [B, 2] (dy, dx), got {tuple(shift.shape)}")
     H, W = size
     return shift[:, :, None, None].expand(-1, -1, H, W).contiguous()
+
+
+# --------------------------------------------------------------------------- 3D (notebook 05)
+#
+# Volumes [B, C, Z, Y, X]; ``displacement`` [B, 3, Z, Y, X] holds (dz, dy, dx) in voxels and
+# ``warped[z, y, x] = moving[z + dz, y + dy, x + dx]``; voxel centres at integer coordinates.
+
+
+def _check_displacement3d(displacement: torch.Tensor, name: str = "displacement") -> None:
+    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 5 or displacement.shape[1] != 3:
+        shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
+        raise ValueError(f"{name} must be [B, 3, Z, Y, X] with channels (dz, dy, dx), got {shape}")
+    if not displacement.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {displacement.dtype}")
+
+
+def identity_grid3d(
+    depth: int, height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel coordinates [1, 3, Z, Y, X]: channels z (slice), y (row), x (column)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in (depth, height, width)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def warp3d(
+    moving: torch.Tensor, displacement: torch.Tensor, mode: str = "trilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Warp ``moving`` [B, C, Z, Y, X] so that ``warped[z, y, x] = moving[z + dz, y + dy, x + dx]``.
+
+    Args:
+        moving: [B, C, Z, Y, X] float (volumes, one-hot labels, features, fields).
+        displacement: [B, 3, Z, Y, X], (dz, dy, dx) in voxels of ``moving``; B may be 1 to share it.
+        mode: "trilinear" (also accepted as "bilinear", ``grid_sample``'s name) or "nearest".
+        padding_mode: "border" (nearest edge value), "zeros" or "reflection".
+
+    Returns:
+        [B, C, Z, Y, X], same dtype and device as ``moving``. Differentiable in both inputs.
+    """
+    if not isinstance(moving, torch.Tensor) or moving.dim() != 5:
+        raise ValueError(f"moving must be [B, C, Z, Y, X], got {getattr(moving, 'shape', moving)}")
+    if not moving.is_floating_point():
+        raise ValueError(f"moving must be floating point (use warp_labels3d for label volumes), got {moving.dtype}")
+    _check_displacement3d(displacement)
+    B, _, Z, Y, X = moving.shape
+    if displacement.shape[-3:] != (Z, Y, X):
+        raise ValueError(f"displacement is {tuple(displacement.shape[-3:])} but moving is {(Z, Y, X)}: "
+                         "upsample the displacement first (upsample_displacement3d)")
+    if displacement.shape[0] not in (1, B):
+        raise ValueError(f"displacement batch {displacement.shape[0]} does not match moving batch {B}")
+    if mode not in ("trilinear", "bilinear", "nearest"):
+        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+    coords = identity_grid3d(Z, Y, X, moving.device, moving.dtype) + displacement.to(moving.dtype)
+    # grid_sample wants [B, Z, Y, X, 3] with (x, y, z) in [-1, 1] (align_corners=True: voxel centres)
+    norm = [2 * coords[:, a] / max(n - 1, 1) - 1 for a, n in enumerate((Z, Y, X))]
+    grid = torch.stack(norm[::-1], dim=-1)
+    if grid.shape[0] != B:
+        grid = grid.expand(B, -1, -1, -1, -1)
+    return F.grid_sample(moving, grid, mode="nearest" if mode == "nearest" else "bilinear",
+                         padding_mode=padding_mode, align_corners=True)
+
+
+def warp_labels3d(
+    labels: torch.Tensor, displacement: torch.Tensor, num_labels: int, mode: str = "trilinear"
+) -> torch.Tensor:
+    """Warp integer label volumes [B, Z, Y, X] with a displacement [B, 3, Z, Y, X].
+
+    ``mode="trilinear"``: every label's one-hot volume is warped trilinearly and the largest
+    interpolated weight wins; ``"nearest"``: nearest-neighbour look-up of the label values.
+
+    Returns:
+        int64 [B, Z, Y, X] with values in 0..num_labels-1.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 4:
+        raise ValueError(f"labels must be [B, Z, Y, X] integers, got {getattr(labels, 'shape', labels)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"labels hold values outside 0..{num_labels - 1}")
+    dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
+    if mode == "nearest":
+        return warp3d(labels[:, None].to(dtype), displacement, mode="nearest")[:, 0].round().long()
+    if mode not in ("trilinear", "bilinear"):
+        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+    one_hot = F.one_hot(labels.long(), num_labels).permute(0, 4, 1, 2, 3).to(dtype)  # [B, L, Z, Y, X]
+    return warp3d(one_hot, displacement).argmax(dim=1)
+
+
+def upsample_displacement3d(
+    displacement: torch.Tensor, size: tuple[int, int, int], mode: str = "trilinear"
+) -> torch.Tensor:
+    """Resize a displacement field [B, 3, d, h, w] to [B, 3, Z, Y, X] and rescale its values.
+
+    As :func:`upsample_displacement`: ``align_corners=False`` (a feature voxel covers a block
+    of ``Z/d x Y/h x X/w`` voxels), dz multiplied by ``Z/d``, dy by ``Y/h``, dx by ``X/w``.
+
+    Args:
+        displacement: [B, 3, d, h, w] (dz, dy, dx) in feature voxels. size: (Z, Y, X).
+        mode: "trilinear" (default) or "nearest".
+
+    Returns:
+        [B, 3, Z, Y, X] (dz, dy, dx) in voxels of the volume.
+    """
+    _check_displacement3d(displacement)
+    size = tuple(int(s) for s in size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"size must be three positive integers (Z, Y, X), got {size}")
+    if mode not in ("trilinear", "nearest"):
+        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    resized = F.interpolate(displacement, size=size, mode=mode, **kwargs)
+    scale = torch.tensor([n / m for n, m in zip(size, displacement.shape[-3:])],
+                         device=displacement.device, dtype=displacement.dtype)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+def interpolate_control_field3d(
+    field: torch.Tensor, size: tuple[int, int, int], grid_step: int, first: tuple[int, int, int] = (0, 0, 0)
+) -> torch.Tensor:
+    """Trilinear interpolation of values on a grid of control points to every voxel.
+
+    The control point ``(n_z, n_y, n_x)`` of ``field`` [B, C, gz, gy, gx] sits at voxel
+    ``first + grid_step * n`` (per axis) of a volume of ``size`` (d, h, w), the layout of
+    :func:`~tutorial_utils.correlation.control_points3d`; voxels beyond the outermost points
+    take the nearest one's value. The values are not rescaled: a displacement in voxels
+    stays one (the grid is a subset of the same voxels).
+
+    Returns:
+        [B, C, d, h, w]; at the control points exactly ``field``.
+    """
+    if not isinstance(field, torch.Tensor) or field.dim() != 5 or not field.is_floating_point():
+        raise ValueError(f"field must be a floating point tensor [B, C, gz, gy, gx], got {getattr(field, 'shape', field)}")
+    if isinstance(grid_step, bool) or not isinstance(grid_step, int) or grid_step < 1:
+        raise ValueError(f"grid_step must be a positive integer, got {grid_step!r}")
+    size = tuple(int(s) for s in size)
+    if len(size) != 3 or len(first) != 3:
+        raise ValueError(f"size and first must have three entries (z, y, x), got {size} and {first}")
+    B = field.shape[0]
+    norm = []
+    for n, count, start in zip(size, field.shape[-3:], first):
+        coord = torch.arange(n, device=field.device, dtype=field.dtype)
+        span = grid_step * (count - 1)
+        norm.append(2 * (coord - start) / span - 1 if span > 0 else torch.zeros_like(coord))
+    gz, gy, gx = torch.meshgrid(*norm, indexing="ij")
+    grid = torch.stack([gx, gy, gz], dim=-1)[None].expand(B, -1, -1, -1, -1)  # (x, y, z) for grid_sample
+    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)

@@ -1,0 +1,470 @@
+"""The continuous baseline: a U-Net that regresses the displacement, trained like the feature CNN.
+
+Taught in notebook 05 ("Why discrete?"). VoxelMorph-style registration networks
+(Balakrishnan et al. 2019) map the image pair directly to a dense displacement; here the
+:class:`~tutorial_utils.models.DisplacementUNet` plays that part, under conditions that are
+as close as possible to those of the discrete network of :mod:`~tutorial_utils.train`:
+
+* the same weak supervision: random ordered pairs of ``dataset.train_ids`` only, the organ
+  labels (no correspondences), the same slices pre-aligned the same way
+  (:func:`~tutorial_utils.train._prepare_training_data` with
+  ``pipeline_defaults()["prealign"]``), ``images_per_step`` slices per step and all their
+  n(n-1) ordered pairs, Adam with a cosine decay to 5% of ``lr``;
+* the loss: the moving one-hot labels (full resolution) are warped bilinearly with the
+  predicted field and compared with the fixed ones (:func:`label_loss`: by default the
+  squared difference summed over the labels, background included, as in the discrete
+  network's loss; soft Dice is the alternative), plus ``diffusion_weight`` times
+  :func:`~tutorial_utils.train.diffusion_penalty` of the field;
+* at test time :func:`register_unet` starts from the same pre-alignment as
+  :func:`~tutorial_utils.registration.register_images` and composes the two fields.
+
+The shipped checkpoint (:data:`UNET_CHECKPOINT`) had the same training budget (CPU time) as
+the shipped feature CNN; how it was made is in ``checkpoints/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import Dataset
+from .environment import choose_device
+from .models import DisplacementUNet
+from .registration import prealign_displacement
+from .train import (
+    LossHistory,
+    _cpu_settings,
+    _prepare_training_data,
+    diffusion_penalty,
+    evaluate_registration,
+    pipeline_defaults,
+    save_features,
+)
+from .transform import compose_displacements, warp
+
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_PAIRS",
+    "UNET_CHECKPOINT",
+    "label_loss",
+    "load_unet",
+    "main",
+    "measure_rates",
+    "register_unet",
+    "save_unet",
+    "train_unet",
+    "unet_loss",
+]
+
+UNET_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "unet_synthetic.pt"
+"""The U-Net shipped with the package (a ``state_dict`` of a default
+:class:`~tutorial_utils.models.DisplacementUNet`, see :func:`load_unet` and ``checkpoints/README.md``)."""
+
+DEFAULT_PAIRS = 3000
+"""Training pairs of the default run (as for the feature CNN)."""
+
+DEFAULTS: dict = {
+    "lr": 3e-3,
+    "diffusion_weight": 0.2,
+    "images_per_step": 4,
+    "loss": "mse",
+}
+"""The defaults of :func:`train_unet`, chosen on held-out *training* slices, never on the test
+pairs: trained on 30 of the 35 training slices with the budget of the shipped checkpoint
+(16000 pairs), measured on the 20 ordered pairs of the other 5 (mean Dice; 0.383 without
+registration, 0.419 after the affine pre-alignment alone, 0.454 with MIND-SSC):
+
+* loss "mse" (the discrete network's loss, squared one-hot difference with background)
+  0.525 +- 0.001 over 3 seeds (lr 3e-3, diffusion 0.2, folding 0.17-0.35%); soft Dice at
+  lr 3e-3, diffusion 0.1: 0.507 and 0.521 (2 seeds), "mse" at the same settings 0.529,
+  0.503, 0.526 (3 seeds, folding ~1%);
+* diffusion weight (mse, lr 3e-3): 0.03 -> 0.519 with 4.2% folding; 0.1 -> ~0.52, ~1%;
+  0.2 -> 0.525, 0.3%; 0.3 -> 0.507, 0.09%;
+* lr: 1e-3 -> 0.506, 2e-3 -> 0.508-0.523, 3e-3 -> best; 1e-2 diverged (as did a
+  16-32-64-64 U-Net and one seed of a 5-level one at 3e-3);
+* architecture (each with its equal-budget number of pairs: the rate on the CPU relative
+  to the default): the flow at 1/2 instead of 1/4 resolution (0.510-0.519, 9500 pairs),
+  32 channels everywhere (0.507), 5 levels (0.465-0.529, unstable), fewer channels
+  (0.503), the flow at 1/8 (0.494): none better than the default;
+* ``images_per_step`` 2 or 3: 0.526, 0.523 (slower per pair); 8: 0.491.
+
+Several of these runs were made on a GPU (same code, ``device="cuda"``) to fit the search
+in the time available; the shipped checkpoint was trained on the CPU."""
+
+LOSSES = ("mse", "dice")
+
+
+# =========================================================================== the loss
+
+
+def label_loss(warped: torch.Tensor, onehot_fixed: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Per-pair label loss [B] between warped moving and fixed one-hot maps [B, L, H, W].
+
+    * ``"dice"``: ``1 - mean_l 2 sum(w_l f_l) / (sum w_l + sum f_l)`` over the foreground labels
+      (l >= 1) present in either map of the pair (the background would dominate the mean
+      and says nothing about the organs; a label in neither map is skipped, so a pair with
+      no organ at all has loss 0);
+    * ``"mse"``: ``mean_{y, x} sum_l (w_l - f_l)**2`` over all labels, background included:
+      the loss of the discrete network (:func:`~tutorial_utils.train.nonlocal_label_loss`),
+      at full resolution.
+    """
+    if warped.shape != onehot_fixed.shape or warped.dim() != 4:
+        raise ValueError(f"warped {tuple(warped.shape)} and onehot_fixed {tuple(onehot_fixed.shape)} "
+                         f"must both be [B, L, H, W]")
+    if loss == "mse":
+        return ((warped - onehot_fixed) ** 2).sum(1).flatten(1).mean(1)
+    if loss != "dice":
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    w, f = warped[:, 1:].flatten(2), onehot_fixed[:, 1:].flatten(2)  # [B, L-1, H*W]
+    total = w.sum(2) + f.sum(2)  # [B, L-1]
+    present = (total > 1e-6).to(warped.dtype)
+    dice = 2 * (w * f).sum(2) / total.clamp_min(1e-6)
+    return ((1 - dice) * present).sum(1) / present.sum(1).clamp_min(1)
+
+
+def unet_loss(model: nn.Module, images: torch.Tensor, onehot: torch.Tensor, diffusion_weight: float = 0.0,
+              loss: str = "mse") -> torch.Tensor:
+    """Training loss of a group of n slices: the U-Net on all n(n-1) ordered pairs at once.
+
+    Args:
+        model: (image_fixed, image_moving) [P, 1, H, W] -> displacement [P, 2, H, W].
+        images: [n, 1, H, W]. onehot: [n, L, H, W] one-hot labels (full resolution).
+
+    Returns:
+        a scalar: mean over the pairs of :func:`label_loss` (the moving one-hot maps warped
+        bilinearly with the predicted field, border padding) plus ``diffusion_weight`` times
+        :func:`~tutorial_utils.train.diffusion_penalty` of the field (image pixels).
+    """
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"unet_loss needs at least 2 images, got {n}")
+    index = torch.arange(n, device=images.device)
+    fixed, moving = torch.meshgrid(index, index, indexing="ij")
+    keep = fixed != moving
+    fixed, moving = fixed[keep], moving[keep]  # [n(n-1)] each
+    displacement = model(images[fixed], images[moving])  # [P, 2, H, W]
+    warped = warp(onehot[moving], displacement)  # [P, L, H, W]
+    value = label_loss(warped, onehot[fixed], loss).mean()
+    if diffusion_weight:
+        value = value + diffusion_weight * diffusion_penalty(displacement)
+    return value
+
+
+# =========================================================================== training
+
+
+def _cosine(lr: float, progress: float) -> float:
+    """Cosine decay from ``lr`` to 5% of it as ``progress`` goes from 0 to 1."""
+    low = 0.05 * lr
+    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def train_unet(
+    dataset: Dataset,
+    num_pairs: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    lr: float = DEFAULTS["lr"],
+    diffusion_weight: float = DEFAULTS["diffusion_weight"],
+    images_per_step: int = DEFAULTS["images_per_step"],
+    loss: str = DEFAULTS["loss"],
+    prealign: str | None = "default",
+    train_ids: Sequence[int] | None = None,
+    threads: int | None = None,
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, LossHistory]:
+    """Train a :class:`~tutorial_utils.models.DisplacementUNet` on random pairs of training slices.
+
+    The weak supervision of :func:`~tutorial_utils.train.train_features`: every step draws
+    ``images_per_step`` training slices (``dataset.train_ids`` only), pre-aligned once per
+    slice exactly as there, and uses all n(n-1) ordered pairs among them as one batch;
+    the loss is :func:`unet_loss`. Adam, cosine decay of the learning rate to 5% of
+    ``lr``. Deterministic on the CPU for a given ``seed`` and ``num_pairs`` (the global
+    random state is left untouched); denormals flushed and ``threads`` threads (default 1)
+    while it runs, as in ``train_features``.
+
+    Args:
+        dataset: any :class:`~tutorial_utils.data.Dataset` whose H, W are divisible by the
+            U-Net's total stride (16 for the default).
+        num_pairs: training pairs (rounded up to whole steps). Default: :data:`DEFAULT_PAIRS`
+            unless ``seconds`` is given.
+        seconds: a wall-clock budget: training stops at the first step that ends after it,
+            and the learning rate follows the elapsed fraction of the budget instead of the
+            fraction of pairs (with both given: whichever is further along). Not
+            deterministic: use ``num_pairs`` for reproducible runs.
+        seed: seeds the initial weights and the choice of slices.
+        device: "cpu" / "cuda"; default CUDA when present, else the CPU.
+        progress: a tqdm bar with the running loss.
+        lr: Adam's initial learning rate. diffusion_weight: weight of the diffusion penalty.
+        images_per_step: slices per step (n, at most the number of training slices).
+        loss: "mse" (squared one-hot difference, background included) or "dice" (soft
+            Dice over the foreground labels), see :func:`label_loss`.
+        prealign: how the training slices are aligned once per slice ("none", "com",
+            "moments"; "affine" means "moments"); default: register_images' pre-alignment.
+        train_ids: slices to train on (default ``dataset.train_ids``).
+        threads: CPU threads while training (default 1, restored afterwards).
+        model: a model to go on training (default: a fresh ``DisplacementUNet()``).
+
+    Returns:
+        ``(model, history)``: the model (on ``device``, eval mode) and a
+        :class:`~tutorial_utils.train.LossHistory` (one loss per step, pairs, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a tutorial_utils.data.Dataset, got {type(dataset).__name__}")
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+        raise ValueError(f"seconds must be a positive number or None, got {seconds!r}")
+    if num_pairs is None and seconds is None:
+        num_pairs = DEFAULT_PAIRS
+    if num_pairs is not None and (isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1):
+        raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
+    ids = list(dataset.train_ids if train_ids is None else train_ids)
+    if len(ids) < 2:
+        raise ValueError(f"training needs at least 2 training slices, the dataset has {len(ids)}")
+    if isinstance(images_per_step, bool) or not isinstance(images_per_step, int) or images_per_step < 2:
+        raise ValueError(f"images_per_step must be an integer >= 2, got {images_per_step!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if not lr > 0 or not diffusion_weight >= 0:
+        raise ValueError(f"lr must be > 0 and diffusion_weight >= 0, got {lr}, {diffusion_weight}")
+    prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
+    device = choose_device(str(device)) if device is not None else choose_device()
+    n = min(images_per_step, len(ids))
+    pairs_per_step = n * (n - 1)
+    steps = -(-num_pairs // pairs_per_step) if num_pairs is not None else None
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = (model if model is not None else DisplacementUNet()).to(device)
+        stride = getattr(model, "total_stride", 1)
+        H, W = dataset.image_size
+        if H % stride or W % stride:
+            raise ValueError(f"the images ({H}x{W}) must be divisible by the U-Net's total stride {stride}")
+        generator = torch.Generator().manual_seed(seed)
+        images, onehot = _prepare_training_data(dataset, ids, prealign, device, stride=1)  # [N,1,H,W], [N,L,H,W]
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+        history = LossHistory()
+        history.pairs_per_step = pairs_per_step
+        history.settings = {"num_pairs": num_pairs, "seconds": seconds, "seed": seed, "device": str(device),
+                            "lr": lr, "diffusion_weight": diffusion_weight, "images_per_step": n, "loss": loss,
+                            "prealign": prealign, "steps": steps, "threads": threads,
+                            "channels": getattr(model, "channels", None),
+                            "flow_level": getattr(model, "flow_level", None)}
+        model.train()
+        total = steps * pairs_per_step if steps is not None else None
+        bar = tqdm(total=total, unit="pairs", disable=not progress, desc="training the U-Net")
+        running = None
+        step = 0
+        with _cpu_settings(device, threads):
+            start = time.perf_counter()
+            while True:
+                elapsed = time.perf_counter() - start
+                fraction = max(step / steps if steps else 0.0, elapsed / seconds if seconds else 0.0)
+                if (steps is not None and step >= steps) or (seconds is not None and elapsed >= seconds):
+                    break
+                for group in optimiser.param_groups:
+                    group["lr"] = _cosine(lr, fraction)
+                chosen = torch.randperm(len(ids), generator=generator)[:n].to(device)  # [n]
+                value = unet_loss(model, images[chosen], onehot[chosen], diffusion_weight, loss)
+                optimiser.zero_grad(set_to_none=True)
+                value.backward()
+                optimiser.step()
+                step += 1
+                history.append(float(value.detach()))
+                running = history[-1] if running is None else 0.9 * running + 0.1 * history[-1]
+                bar.update(pairs_per_step)
+                bar.set_postfix(loss=f"{running:.4f}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.seconds = time.perf_counter() - start
+        history.pairs = step * pairs_per_step
+        bar.close()
+    return model.eval(), history
+
+
+def measure_rates(dataset: Dataset, num_pairs: int = 240, threads: int | None = 1, seed: int = 0,
+                  device: str | torch.device | None = "cpu", repeats: int = 2, **unet_kwargs) -> dict:
+    """Training speed of the feature CNN and of the U-Net, measured back to back in this process.
+
+    Runs :func:`~tutorial_utils.train.train_features` and :func:`train_unet` (their
+    defaults, ``threads`` threads) for ``num_pairs`` pairs each, alternating, ``repeats``
+    times, and returns ``{"cnn": pairs/s, "unet": pairs/s, "ratio": unet / cnn}`` (all pairs
+    over all seconds of each). Measured together and interleaved because only the ratio is
+    robust when other programs share the machine: the U-Net gets the training budget of a
+    feature CNN trained on P pairs with ``round(P * ratio)`` pairs.
+    """
+    from .train import train_features
+
+    pairs = {"cnn": 0, "unet": 0}
+    seconds = {"cnn": 0.0, "unet": 0.0}
+    for _ in range(repeats):
+        _, cnn = train_features(dataset, num_pairs=num_pairs, seed=seed, device=device, progress=False,
+                                threads=threads)
+        _, unet = train_unet(dataset, num_pairs=num_pairs, seed=seed, device=device, progress=False,
+                             threads=threads, **unet_kwargs)
+        for name, history in (("cnn", cnn), ("unet", unet)):
+            pairs[name] += history.pairs
+            seconds[name] += history.seconds
+    rates = {name: pairs[name] / seconds[name] for name in pairs}
+    return {**rates, "ratio": rates["unet"] / rates["cnn"]}
+
+
+# =========================================================================== registration
+
+
+def register_unet(model: nn.Module, image_fixed: torch.Tensor, image_moving: torch.Tensor,
+                  prealign: str | None = "default") -> torch.Tensor:
+    """Register ``image_moving`` to ``image_fixed`` with the U-Net, after the usual pre-alignment.
+
+    1. the pre-alignment of :func:`~tutorial_utils.registration.register_images`
+       (:func:`~tutorial_utils.registration.prealign_displacement`; ``"default"`` is
+       register_images' default, "affine");
+    2. the U-Net on the fixed and the pre-aligned moving image;
+    3. the two fields composed (:func:`~tutorial_utils.transform.compose_displacements`).
+
+    Runs under ``torch.no_grad()`` and puts the model in eval mode. The images are moved to
+    the model's device; the result stays there.
+
+    Args:
+        model: (image_fixed, image_moving) [B, 1, H, W] -> displacement [B, 2, H, W].
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1].
+
+    Returns:
+        displacement [B, 2, H, W] (dy, dx) in image pixels: ``warp(image_moving, displacement)``
+        is aligned with ``image_fixed``.
+    """
+    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
+    if image_fixed.shape != image_moving.shape:
+        raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} "
+                         f"differ in shape")
+    prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
+    parameter = next(iter(model.parameters()), None)
+    if parameter is not None:
+        image_fixed, image_moving = image_fixed.to(parameter.device), image_moving.to(parameter.device)
+    model.eval()
+    with torch.no_grad():
+        pre = prealign_displacement(image_fixed, image_moving, prealign)  # [B, 2, H, W]
+        if prealign in (None, "none"):
+            return model(image_fixed, image_moving)
+        residual = model(image_fixed, warp(image_moving, pre))  # [B, 2, H, W]
+        return compose_displacements(pre, residual)
+
+
+# =========================================================================== saving and loading
+
+
+def save_unet(model: nn.Module, path: str | Path) -> Path:
+    """Save the U-Net's weights as a plain ``state_dict`` (tensors only, on the CPU), atomically."""
+    return save_features(model, path)
+
+
+def load_unet(path: str | Path | None = None, device: str | torch.device | None = None) -> DisplacementUNet:
+    """A default :class:`~tutorial_utils.models.DisplacementUNet` with weights from a ``state_dict`` file.
+
+    ``path`` defaults to the shipped :data:`UNET_CHECKPOINT`. Loaded with
+    ``weights_only=True`` (no code runs). Returns the model in eval mode on ``device``
+    (default: the CPU).
+    """
+    path = Path(path) if path is not None else UNET_CHECKPOINT
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict of DisplacementUNet weights")
+    model = DisplacementUNet()
+    model.load_state_dict(state)
+    return model.to(device if device is not None else "cpu").eval()
+
+
+# =========================================================================== command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tutorial_utils.continuous",
+        description="Train the continuous baseline (a U-Net that regresses the displacement) with the "
+                    "organ labels and save its state_dict; or measure its training speed against the "
+                    "feature CNN's.")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--pairs", type=int, default=None, help=f"training pairs (default {DEFAULT_PAIRS})")
+    budget.add_argument("--seconds", type=float, default=None,
+                        help="train for this wall-clock time instead (not reproducible)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the state_dict (.pt)")
+    parser.add_argument("--measure-budget", type=int, default=None, metavar="CNN_PAIRS",
+                        help="measure the training speed of both networks back to back and print how many "
+                             "U-Net pairs take as long as CNN_PAIRS pairs of the feature CNN; then exit")
+    parser.add_argument("--measure-pairs", type=int, default=240,
+                        help="pairs per network and repeat for --measure-budget (default 240)")
+    parser.add_argument("--measure-repeats", type=int, default=2,
+                        help="alternating runs of both networks for --measure-budget (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    parser.add_argument("--diffusion-weight", type=float, default=DEFAULTS["diffusion_weight"],
+                        help=f"weight of the diffusion penalty (default {DEFAULTS['diffusion_weight']})")
+    parser.add_argument("--images-per-step", type=int, default=DEFAULTS["images_per_step"],
+                        help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
+    parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--source", choices=["auto", "tcia", "synthetic"], default=None,
+                        help="data: the real slices, the phantom, or auto (default: $L2R_DATA_SOURCE, else auto)")
+    parser.add_argument("--data-seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for training (default 1) and evaluation (default: torch's)")
+    parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import load_dataset
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.measure_budget is None and args.out is None:
+        parser.error("--out is required (unless --measure-budget is given)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # evaluation; training is told below
+    dataset = load_dataset(source=args.source, seed=args.data_seed)
+    print(f"data: {dataset}")
+    unet_kwargs = dict(lr=args.lr, diffusion_weight=args.diffusion_weight, images_per_step=args.images_per_step,
+                       loss=args.loss)
+    if args.measure_budget is not None:
+        rates = measure_rates(dataset, args.measure_pairs, threads=args.threads if args.threads else 1,
+                              seed=args.seed, device=args.device or "cpu", repeats=args.measure_repeats,
+                              **unet_kwargs)
+        pairs = round(args.measure_budget * rates["ratio"])
+        print(f"training speed, measured back to back ({args.measure_repeats} x {args.measure_pairs} pairs each): "
+              f"feature CNN "
+              f"{rates['cnn']:.1f} pairs/s, U-Net {rates['unet']:.1f} pairs/s (ratio {rates['ratio']:.3f})")
+        print(f"the budget of {args.measure_budget} feature-CNN pairs is --pairs {pairs} for the U-Net")
+        return 0
+    model, history = train_unet(dataset, num_pairs=args.pairs, seconds=args.seconds, seed=args.seed,
+                                device=args.device, progress=not args.no_progress, threads=args.threads,
+                                **unet_kwargs)
+    path = save_unet(model, args.out)
+    tail = history[-20:]
+    print(f"trained on {history.pairs} pairs in {history.seconds:.1f} s ({history.pairs_per_second:.1f} pairs/s), "
+          f"loss {history[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)")
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
+    if args.evaluate:
+        before = evaluate_registration(dataset, None)
+        after = evaluate_registration(dataset, register=lambda f, m: register_unet(model, f, m))
+        print(f"test pairs: mean Dice {before['mean_dice'].mean():.3f} before, {after['mean_dice'].mean():.3f} "
+              f"+- {after['mean_dice'].std():.3f} with the U-Net; folding {100 * after['folding'].mean():.2f}%, "
+              f"{after['seconds_per_pair']:.3f} s per pair")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Instance optimisation: refine a registration of one pair by gradient descent at test time.
+
+Taught in notebook 05 ("Why discrete?"). The Learn2Reg-winning methods (ConvexAdam,
+Siebert et al. 2021, and the discrete networks before it) do not stop at the network's
+answer: they take it as the start of a short, pair-specific optimisation of a coarse
+displacement grid with Adam, on the SSD of the features plus a diffusion penalty. A discrete
+first stage gives the large, robust part of the motion (it has seen every displacement in
+its range); the continuous refinement adds sub-pixel precision and smoothness.
+
+On the 56 test pairs of the synthetic set, starting from ``register_images`` with the shipped
+feature CNN and refining with the same CNN's features (defaults, chosen beforehand on
+training pairs): mean Dice 0.616 -> 0.635 (55 of 56 pairs better), folding 0.09% -> 0.23%,
+0.04 s more per pair on one CPU thread (8 pairs at a time). From the U-Net of
+:mod:`~tutorial_utils.continuous`: 0.547 -> 0.586.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registration import FEATURE_STRIDE, Features, extract_features
+from .transform import warp
+
+__all__ = ["DEFAULTS", "diffusion_penalty_grid", "instance_optimise"]
+
+DEFAULTS: dict = {"iterations": 30, "lr": 0.2, "diffusion_weight": 0.3, "grid_stride": 4, "smooth": 1}
+"""The defaults of :func:`instance_optimise`, chosen on 24 random training pairs starting
+from ``register_images`` with the shipped feature CNN (mean Dice 0.638 -> 0.652, folding
+0.04% -> 0.23%, 0.07 s per pair on one thread); the notes are in its docstring."""
+
+
+def diffusion_penalty_grid(grid: torch.Tensor, grid_stride: int = 1) -> torch.Tensor:
+    """Diffusion penalty per field [B] of a displacement grid [B, 2, h, w] in image pixels.
+
+    ``mean (du/dy)**2 + mean (du/dx)**2`` over both channels, the derivatives taken as
+    forward differences between neighbouring grid points divided by their distance
+    ``grid_stride`` (image pixels): dimensionless, so a weight means the same at any grid
+    spacing; 0 for a translation, s**2 for a ramp of slope s.
+    """
+    if grid.dim() != 4 or grid.shape[1] != 2:
+        raise ValueError(f"grid must be [B, 2, h, w], got {tuple(grid.shape)}")
+    dy = (grid[:, :, 1:] - grid[:, :, :-1]) / grid_stride
+    dx = (grid[:, :, :, 1:] - grid[:, :, :, :-1]) / grid_stride
+    zero = grid.new_zeros(grid.shape[0])
+    return (dy.square().flatten(1).mean(1) if dy.numel() else zero) + (
+        dx.square().flatten(1).mean(1) if dx.numel() else zero)
+
+
+class _EvalMode:
+    """Put a module (if it is one) in eval mode for a while, then restore its mode."""
+
+    def __init__(self, module) -> None:
+        self.module = module if isinstance(module, nn.Module) else None
+
+    def __enter__(self):
+        if self.module is not None:
+            self.training = self.module.training
+            self.module.eval()
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.train(self.training)
+
+
+def instance_optimise(
+    image_fixed: torch.Tensor,
+    image_moving: torch.Tensor,
+    displacement: torch.Tensor,
+    features: Features = "mind",
+    iterations: int = DEFAULTS["iterations"],
+    lr: float = DEFAULTS["lr"],
+    diffusion_weight: float = DEFAULTS["diffusion_weight"],
+    grid_stride: int = DEFAULTS["grid_stride"],
+    return_history: bool = False,
+    *,
+    smooth: int = DEFAULTS["smooth"],
+) -> torch.Tensor | tuple[torch.Tensor, list[float]]:
+    """Refine ``displacement`` by Adam on the feature SSD of this pair (test-time optimisation).
+
+    1. features of both images at 1/4 resolution (``features``: "mind", "intensity" or a
+       feature CNN, as in :func:`~tutorial_utils.registration.extract_features`), computed
+       once, without gradients; the moving features are those of the *original* moving image;
+    2. the unknown is a coarse displacement grid [B, 2, H/g, W/g] (g = ``grid_stride``) in
+       image pixels, initialised by average-pooling ``displacement`` (``grid_0``);
+    3. ``iterations`` Adam steps (``lr``: image pixels per step) on, per pair::
+
+           SSD(feat_fixed, warp(feat_moving, S(grid))) / n + diffusion_weight * diffusion(grid - grid_0)
+
+       ``S`` is ``smooth`` passes of a 3 x 3 box filter over the grid (as ConvexAdam
+       smooths its grid); the smoothed grid is upsampled bilinearly to the feature
+       resolution (values divided by 4) to warp the moving features; the SSD is the mean
+       over channels and pixels divided by ``n`` = twice the variance of the fixed
+       features (the SSD of two unrelated pixels), so that one weight fits every feature
+       type; ``diffusion`` is :func:`diffusion_penalty_grid` of the *change* of the grid;
+    4. the smoothed grid is upsampled bilinearly to H x W (``align_corners=False``).
+
+    Only the grid is optimised: the fixed features, the model's weights (no gradient
+    reaches them; a model is put in eval mode meanwhile and then restored) and the inputs
+    are left alone. Runs under ``torch.enable_grad()``, so it also works inside ``no_grad``.
+
+    Design notes (24 random training pairs, start: ``register_images`` with the shipped
+    CNN, mean Dice 0.638, folding 0.04%): penalising the diffusion of the whole field
+    instead of its change pulls the rotation and scale of the pre-alignment towards a
+    translation (weight 1: Dice 0.603, worse than the start); warping the moving *image*
+    and recomputing its features at every step instead of warping the features gave the
+    same Dice (0.654) 6-10 times slower; more than ~30 iterations, grid spacings 2 or 8,
+    or MIND instead of the CNN features gained nothing. ``smooth=1`` cut the folding from
+    0.64% to 0.23% for 0.002 Dice.
+
+    Args:
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1]; H, W divisible by 4 and by
+            ``grid_stride``.
+        displacement: [B, 2, H, W], the start (e.g. from ``register_images``), image pixels.
+        features: see :func:`~tutorial_utils.registration.extract_features`.
+        iterations: Adam steps (0 returns the start, pooled, smoothed and upsampled).
+        lr: Adam's learning rate, image pixels per step.
+        diffusion_weight: weight of the diffusion penalty (>= 0).
+        grid_stride: spacing of the optimised grid in image pixels.
+        return_history: also return the objective (mean over pairs) before every step and
+            after the last one (``iterations + 1`` values).
+        smooth: passes of the 3 x 3 box filter over the grid (0: none).
+
+    Returns:
+        the refined displacement [B, 2, H, W] (detached, dtype of the images), or
+        ``(displacement, history)``.
+    """
+    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
+        if not image.is_floating_point():
+            raise ValueError(f"{name} must be floating point in [0, 1], got {image.dtype}")
+    if image_fixed.shape != image_moving.shape:
+        raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} "
+                         f"differ in shape")
+    B, _, H, W = image_fixed.shape
+    if not isinstance(displacement, torch.Tensor) or tuple(displacement.shape) != (B, 2, H, W):
+        raise ValueError(f"displacement must be [B, 2, H, W] = [{B}, 2, {H}, {W}] like the images, "
+                         f"got {getattr(displacement, 'shape', type(displacement).__name__)}")
+    if isinstance(grid_stride, bool) or not isinstance(grid_stride, int) or grid_stride < 1:
+        raise ValueError(f"grid_stride must be a positive integer, got {grid_stride!r}")
+    if H % grid_stride or W % grid_stride or H % FEATURE_STRIDE or W % FEATURE_STRIDE:
+        raise ValueError(f"H and W must be divisible by {FEATURE_STRIDE} and by grid_stride={grid_stride}, "
+                         f"got {(H, W)}")
+    for name, value in (("iterations", iterations), ("smooth", smooth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not lr > 0 or not diffusion_weight >= 0:
+        raise ValueError(f"lr must be > 0 and diffusion_weight >= 0, got {lr}, {diffusion_weight}")
+
+    dtype = image_fixed.dtype
+    with torch.no_grad(), _EvalMode(features):
+        feat_fixed = extract_features(image_fixed, features).detach()  # [B, C, h, w]
+        feat_moving = extract_features(image_moving, features).detach()  # [B, C, h, w]
+        h, w = feat_fixed.shape[-2:]
+        centred = feat_fixed - feat_fixed.mean((2, 3), keepdim=True)
+        norm = (2 * centred.square().mean((1, 2, 3))).clamp_min(1e-12)  # [B]
+        start = displacement.detach().to(device=image_fixed.device, dtype=dtype)
+        start = F.avg_pool2d(start, grid_stride) if grid_stride > 1 else start.clone()  # [B, 2, H/g, W/g]
+
+    def smoothed(grid: torch.Tensor) -> torch.Tensor:
+        for _ in range(smooth):
+            grid = F.avg_pool2d(F.pad(grid, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return grid
+
+    def objective(grid: torch.Tensor) -> torch.Tensor:  # [B]
+        field = F.interpolate(smoothed(grid), size=(h, w), mode="bilinear", align_corners=False)
+        warped = warp(feat_moving, field / FEATURE_STRIDE)  # [B, C, h, w]
+        data = (warped - feat_fixed).square().mean((1, 2, 3)) / norm
+        return data + diffusion_weight * diffusion_penalty_grid(grid - start, grid_stride)
+
+    history: list[float] = []
+    with torch.enable_grad():
+        grid = start.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([grid], lr=lr)
+        for step in range(iterations + 1):
+            if step == iterations and not return_history:
+                break
+            value = objective(grid).sum()  # a sum over the pairs: each pair's steps are its own
+            history.append(float(value.detach()) / B)
+            if step == iterations:
+                break
+            (gradient,) = torch.autograd.grad(value, grid)  # only the grid: nothing reaches a model
+            grid.grad = gradient
+            optimiser.step()
+    with torch.no_grad():
+        refined = F.interpolate(smoothed(grid.detach()), size=(H, W), mode="bilinear", align_corners=False)
+    return (refined, history) if return_history else refined
