@@ -195,8 +195,8 @@ def test_cuda_matches_cpu(metric):
     grad_cost = torch.randn(2, 49, 9, 40, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
-        a = f.to(device).requires_grad_(True)
-        b = m.to(device).requires_grad_(True)
+        a = f.detach().clone().to(device).requires_grad_(True)
+        b = m.detach().clone().to(device).requires_grad_(True)
         out = correlation(a, b, 7, metric=metric)
         assert out.device.type == device
         out.backward(grad_cost.to(device))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tutorial_utils import metrics as M
 from tutorial_utils import registration as G
 from tutorial_utils import transform as T
+from tutorial_utils.models import FeatureCNN
 
 
 def blob_image(H=64, W=80, seed=0, inside=True):
@@ -149,3 +150,10 @@ def test_bad_input_raises_value_error(bad):
     fixed = blob_image()
     with pytest.raises(ValueError):
         bad(fixed, fixed.clone())
+
+
+def test_a_feature_model_on_another_device_gets_a_clear_error():
+    model = FeatureCNN().to("meta")  # stands in for a model on the GPU while the images are on the CPU
+    image = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="the feature model is on meta but the images are on cpu"):
+        G.register_images(image, image, model)

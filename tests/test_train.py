@@ -291,7 +291,7 @@ def _small_dataset(num_labels=3, size=(48, 64), n=6, seed=0, shift=0):
 
 def test_train_on_custom_dataset_with_three_labels():
     dataset = _small_dataset(num_labels=3, size=(48, 64))
-    model, history = train_features(dataset, num_pairs=12, progress=False, images_per_step=3)
+    model, history = train_features(dataset, num_pairs=12, progress=False, images_per_step=3, device="cpu")
     assert isinstance(history, LossHistory)
     assert len(history) == 2 and history.pairs == 12 and all(math.isfinite(v) for v in history)
     assert history.seconds > 0 and history.pairs_per_second > 0
@@ -347,7 +347,7 @@ def test_train_features_validates_its_arguments():
 
 def test_the_2019_loop_runs():
     dataset = _small_dataset(num_labels=3, size=(32, 48))
-    model, history = train_features_2019(dataset, num_pairs=3, progress=False)
+    model, history = train_features_2019(dataset, num_pairs=3, progress=False, device="cpu")
     assert len(history) == 3 and not model.training
     loss = loss_2019(model.train(), dataset.images[:1], dataset.images[1:2], dataset.labels[:1],
                      dataset.labels[1:2], dataset.num_labels)

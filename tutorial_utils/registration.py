@@ -147,6 +147,11 @@ def extract_features(image: torch.Tensor, features: Features = "mind") -> torch.
         raise ValueError(f"features must be 'intensity', 'mind' or an nn.Module, got {features!r}")
     if not callable(features):
         raise ValueError(f"features must be 'intensity', 'mind' or an nn.Module, got {type(features).__name__}")
+    if isinstance(features, nn.Module):
+        weight = next(iter(features.parameters()), None)
+        if weight is not None and weight.device != image.device:
+            raise ValueError(f"the feature model is on {weight.device} but the images are on {image.device}: "
+                             f"move one of them, e.g. images.to({str(weight.device)!r}) or model.to({str(image.device)!r})")
     feat = features(image)
     expected = (image.shape[0], image.shape[-2] // FEATURE_STRIDE, image.shape[-1] // FEATURE_STRIDE)
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4 or (feat.shape[0], *feat.shape[-2:]) != expected:
