@@ -18,13 +18,7 @@ from tutorial_utils.correlation import (
     sparse_correlation3d,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_force(fixed: np.ndarray, moving: np.ndarray, disp_range: int, metric: str,

@@ -17,13 +17,7 @@ LIVER, SPLEEN, LKIDNEY, STOMACH = (LABEL_NAMES.index(n) for n in ("liver", "sple
 PANCREAS, DUODENUM = LABEL_NAMES.index("pancreas"), LABEL_NAMES.index("duodenum")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Small tensors: one thread is fastest and robust to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ LIVER, KIDNEY = LABEL_NAMES.index("liver"), LABEL_NAMES.index("left kidney")
 SMALL = {"shape": (32, 40), "depth": 16, "supersample": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

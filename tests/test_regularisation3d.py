@@ -11,13 +11,7 @@ import torch.nn.functional as F
 
 from tutorial_utils import regularisation as R
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _offsets(D):

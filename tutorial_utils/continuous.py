@@ -44,6 +44,7 @@ from .train import (
     _prepare_training_data,
     diffusion_penalty,
     evaluate_registration,
+    load_state_dict,
     pipeline_defaults,
     save_features,
 )
@@ -378,13 +379,7 @@ def load_unet(path: str | Path | None = None, device: str | torch.device | None 
     ``weights_only=True`` (no code runs). Returns the model in eval mode on ``device``
     (default: the CPU).
     """
-    path = Path(path) if path is not None else UNET_CHECKPOINT
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict of DisplacementUNet weights")
-    model = DisplacementUNet()
-    model.load_state_dict(state)
-    return model.to(device if device is not None else "cpu").eval()
+    return load_state_dict(DisplacementUNet(), UNET_CHECKPOINT if path is None else path, device)
 
 
 # =========================================================================== command line

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registration import FEATURE_STRIDE, Features, extract_features
+from .registration import FEATURE_STRIDE, Features, _check_images, extract_features
 from .transform import warp
 
 __all__ = ["DEFAULTS", "diffusion_penalty_grid", "instance_optimise"]
@@ -126,14 +126,7 @@ def instance_optimise(
         the refined displacement [B, 2, H, W] (detached, dtype of the images), or
         ``(displacement, history)``.
     """
-    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
-            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
-        if not image.is_floating_point():
-            raise ValueError(f"{name} must be floating point in [0, 1], got {image.dtype}")
-    if image_fixed.shape != image_moving.shape:
-        raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} "
-                         f"differ in shape")
+    _check_images(image_fixed, image_moving)
     B, _, H, W = image_fixed.shape
     if not isinstance(displacement, torch.Tensor) or tuple(displacement.shape) != (B, 2, H, W):
         raise ValueError(f"displacement must be [B, 2, H, W] = [{B}, 2, {H}, {W}] like the images, "

@@ -70,6 +70,7 @@ __all__ = [
     "evaluate_registration",
     "label_onehot",
     "load_features",
+    "load_state_dict",
     "loss_2019",
     "main",
     "nonlocal_label_loss",
@@ -1022,11 +1023,17 @@ def load_features(path: str | Path | None = None, device: str | torch.device | N
     on the synthetic set, see ``checkpoints/README.md``). Loaded with ``weights_only=True`` (no code
     runs). Returns the model in ``eval()`` mode on ``device`` (default: the CPU).
     """
-    path = Path(path) if path is not None else CHECKPOINT
+    return load_state_dict(FeatureCNN(), CHECKPOINT if path is None else path, device)
+
+
+def load_state_dict(model: nn.Module, path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """Load the weights of ``model`` from a ``state_dict`` file (``weights_only=True``: tensors
+    only, no code runs) and return it in ``eval()`` mode on ``device`` (default: the CPU)."""
+    path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict of FeatureCNN weights")
-    model = FeatureCNN()
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict of "
+                         f"{type(model).__name__} weights")
     model.load_state_dict(state)
     return model.to(device if device is not None else "cpu").eval()
 
