@@ -202,3 +202,23 @@ def test_sparse_random_offsets_replicate_border_and_gradient():
     a, b = f.clone().requires_grad_(True), m.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: sparse_correlation3d(a, b, 3, grid_step=2, disp_step=1).cost, (a, b),
                                     fast_mode=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["ssd", "dot"])
+def test_cuda_matches_the_loops_and_the_cpu(metric):
+    f, m = _features((1, 3, 4, 5, 6), seed=11)
+    D = 3
+    grad_cost = torch.randn(1, D**3, 4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    results = {}
+    for device in ("cpu", "cuda"):
+        a = f.detach().clone().to(device).requires_grad_(True)
+        b = m.detach().clone().to(device).requires_grad_(True)
+        cost = correlation3d(a, b, D, metric=metric)
+        assert cost.device.type == device
+        cost.backward(grad_cost.to(device))
+        sparse = sparse_correlation3d(a.detach(), b.detach(), D, grid_step=2, disp_step=1, metric=metric).cost
+        results[device] = [t.detach().cpu() for t in (cost, a.grad, b.grad, sparse)]
+    np.testing.assert_allclose(results["cuda"][0].numpy(), brute_force(f.numpy(), m.numpy(), D, metric), atol=1e-10)
+    for on_cpu, on_gpu in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(on_gpu, on_cpu)

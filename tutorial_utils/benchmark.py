@@ -54,6 +54,7 @@ __all__ = [
     "fit_3d",
     "format_3d_table",
     "format_correlation_table",
+    "format_training_table",
     "machine_info",
     "main",
     "matmul_flops",
@@ -61,6 +62,7 @@ __all__ = [
     "register",
     "run_3d_benchmark",
     "run_correlation_benchmark",
+    "run_training_benchmark",
     "time_call",
 ]
 
