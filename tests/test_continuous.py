@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from blob_data import blob_dataset
 from torch import nn
 
 from tutorial_utils.continuous import (
@@ -110,26 +111,8 @@ def test_label_loss_against_per_label_formulas():
 # --------------------------------------------------------------------------- training
 
 
-def _small_dataset(num_labels=3, size=(32, 48), n=6, seed=0):
-    """Blobs of labels 1..L-1 on a textured background, each slice with its own positions."""
-    generator = torch.Generator().manual_seed(seed)
-    H, W = size
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    images, labels = [], []
-    for _ in range(n):
-        lab = torch.zeros(H, W, dtype=torch.long)
-        img = 0.2 + 0.05 * torch.rand(H, W, generator=generator)
-        for label in range(1, num_labels):
-            cy = H * (0.3 + 0.4 * torch.rand((), generator=generator))
-            cx = W * label / num_labels + 3 * torch.randn((), generator=generator)
-            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < (H / 5) ** 2
-            lab[blob] = label
-            img[blob] = 0.3 + 0.5 * label / num_labels
-        images.append(img.clamp(0, 1))
-        labels.append(lab)
-    return Dataset.from_arrays(torch.stack(images), torch.stack(labels),
-                               ["background"] + [f"organ {k}" for k in range(1, num_labels)],
-                               train_ids=list(range(n - 2)), test_ids=[n - 2, n - 1])
+def _small_dataset(seed=0):
+    return blob_dataset(size=(32, 48), seed=seed, parts=5)
 
 
 def _shifted_dataset(n=8, H=32, W=48, seed=0):

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from blob_data import blob_dataset
 
 from tutorial_utils.correlation import correlation_unfold
-from tutorial_utils.data import Dataset
 from tutorial_utils.models import FeatureCNN
 from tutorial_utils.registration import DEFAULTS as REGISTRATION_DEFAULTS
 from tutorial_utils.registration import register_images
@@ -267,30 +267,8 @@ def test_pair_loss_equals_the_per_pair_pipeline():
 # --------------------------------------------------------------------------- training on any dataset
 
 
-def _small_dataset(num_labels=3, size=(48, 64), n=6, seed=0, shift=0):
-    """Blobs of labels 1..L-1 on a textured background, each slice shifted a little."""
-    generator = torch.Generator().manual_seed(seed)
-    H, W = size
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    images, labels = [], []
-    for i in range(n):
-        lab = torch.zeros(H, W, dtype=torch.long)
-        img = 0.2 + 0.05 * torch.rand(H, W, generator=generator)
-        for label in range(1, num_labels):
-            cy = H * (0.3 + 0.4 * torch.rand((), generator=generator)) + shift * i
-            cx = W * label / num_labels + 3 * torch.randn((), generator=generator)
-            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < (H / 6) ** 2
-            lab[blob] = label
-            img[blob] = 0.3 + 0.5 * label / num_labels
-        images.append(img.clamp(0, 1))
-        labels.append(lab)
-    return Dataset.from_arrays(torch.stack(images), torch.stack(labels),
-                               ["background"] + [f"organ {k}" for k in range(1, num_labels)],
-                               train_ids=list(range(n - 2)), test_ids=[n - 2, n - 1])
-
-
 def test_train_on_custom_dataset_with_three_labels():
-    dataset = _small_dataset(num_labels=3, size=(48, 64))
+    dataset = blob_dataset(num_labels=3, size=(48, 64))
     model, history = train_features(dataset, num_pairs=12, progress=False, images_per_step=3, device="cpu")
     assert isinstance(history, LossHistory)
     assert len(history) == 2 and history.pairs == 12 and all(math.isfinite(v) for v in history)
@@ -305,14 +283,14 @@ def test_train_on_custom_dataset_with_three_labels():
 
 
 def test_train_on_misaligned_dataset_with_balanced_weights():
-    dataset = _small_dataset(num_labels=4, size=(32, 40), shift=3, seed=1)
+    dataset = blob_dataset(num_labels=4, size=(32, 40), shift=3, seed=1)
     model, history = train_features(dataset, num_pairs=4, progress=False, images_per_step=2,
                                     label_weights="balanced", diffusion_weight=0.1, disp_range=5)
     assert len(history) == 2 and history.settings["label_weights"] == "balanced"
 
 
 def test_training_is_deterministic_on_the_cpu():
-    dataset = _small_dataset(num_labels=3, size=(32, 48), seed=2)
+    dataset = blob_dataset(num_labels=3, size=(32, 48), seed=2)
     state, threads = torch.get_rng_state(), torch.get_num_threads()
     runs = [train_features(dataset, num_pairs=12, seed=3, progress=False, images_per_step=3, device="cpu")
             for _ in range(2)]
@@ -326,13 +304,13 @@ def test_training_is_deterministic_on_the_cpu():
 
 
 def test_training_learns_on_an_easy_problem():
-    dataset = _small_dataset(num_labels=3, size=(32, 48), n=8, seed=5)
+    dataset = blob_dataset(num_labels=3, size=(32, 48), n=8, seed=5)
     _, history = train_features(dataset, num_pairs=30 * 6, progress=False, images_per_step=3, lr=5e-3)
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5
 
 
 def test_train_features_validates_its_arguments():
-    dataset = _small_dataset()
+    dataset = blob_dataset()
     with pytest.raises(ValueError, match="num_pairs"):
         train_features(dataset, num_pairs=0, progress=False)
     with pytest.raises(ValueError, match="disp_range"):
@@ -346,7 +324,7 @@ def test_train_features_validates_its_arguments():
 
 
 def test_the_2019_loop_runs():
-    dataset = _small_dataset(num_labels=3, size=(32, 48))
+    dataset = blob_dataset(num_labels=3, size=(32, 48))
     model, history = train_features_2019(dataset, num_pairs=3, progress=False, device="cpu")
     assert len(history) == 3 and not model.training
     loss = loss_2019(model.train(), dataset.images[:1], dataset.images[1:2], dataset.labels[:1],

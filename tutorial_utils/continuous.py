@@ -42,6 +42,7 @@ from .train import (
     LossHistory,
     _cpu_settings,
     _prepare_training_data,
+    add_run_arguments,
     diffusion_penalty,
     evaluate_registration,
     load_state_dict,
@@ -410,14 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-per-step", type=int, default=DEFAULTS["images_per_step"],
                         help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
     parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--source", choices=["auto", "tcia", "synthetic"], default=None,
-                        help="data: the real slices, the phantom, or auto (default: $L2R_DATA_SOURCE, else auto)")
-    parser.add_argument("--data-seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for training (default 1) and evaluation (default: torch's)")
-    parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser)
     return parser
 
 

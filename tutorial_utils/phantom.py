@@ -274,6 +274,22 @@ class _View:
             hu[mask] = float(value)
 
 
+def _samplers(rng: np.random.Generator):
+    """The three random draws the renderers use, all from ``rng``: ``N(sd)`` (normal jitter,
+    truncated at 2.2 standard deviations), ``U(a, b)`` (uniform) and ``pick(options, p)``."""
+
+    def N(sd=1.0):
+        return float(np.clip(rng.normal(0.0, sd), -2.2 * sd, 2.2 * sd))
+
+    def U(a, b):
+        return float(rng.uniform(a, b))
+
+    def pick(options, p):
+        return options[int(rng.choice(len(options), p=p))]
+
+    return N, U, pick
+
+
 def _render_patient(seed, index, misalignment, height, width):
     """HU image [H, W] float64 and labels [H, W] uint8 of one synthetic patient.
 
@@ -288,14 +304,7 @@ def _render_patient(seed, index, misalignment, height, width):
     rng_mis = np.random.default_rng([seed, index, 1])
     rng_tex = np.random.default_rng([seed, index, 2])
 
-    def N(sd=1.0):  # jitter: normal, truncated at 2.2 standard deviations
-        return float(np.clip(rng.normal(0.0, sd), -2.2 * sd, 2.2 * sd))
-
-    def U(a, b):
-        return float(rng.uniform(a, b))
-
-    def pick(options, p):
-        return options[int(rng.choice(len(options), p=p))]
+    N, U, pick = _samplers(rng)
 
     # ---- pixel grid in reference pixels, origin at the image centre ------------------
     cols = (torch.arange(width, dtype=_F64) + 0.5 - width / 2) / scale
@@ -909,14 +918,7 @@ def _render_volume(seed, index, depth, height, width, supersample):
     rng = np.random.default_rng([seed, index, 3])  # the anatomy
     rng_tex = np.random.default_rng([seed, index, 4])  # textures and noise
 
-    def N(sd=1.0):  # jitter: normal, truncated at 2.2 standard deviations
-        return float(np.clip(rng.normal(0.0, sd), -2.2 * sd, 2.2 * sd))
-
-    def U(a, b):
-        return float(rng.uniform(a, b))
-
-    def pick(options, p):
-        return options[int(rng.choice(len(options), p=p))]
+    N, U, pick = _samplers(rng)
 
     # ---- voxel grid in reference px; the patient's pose, size and elastic deformation --
     axes = [(torch.arange(n, dtype=_F64) + 0.5 - n / 2) / sc for n in (zs, hs, ws)]

@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_PAIRS",
     "LossHistory",
+    "add_run_arguments",
     "diffusion_penalty",
     "evaluate_registration",
     "label_onehot",
@@ -1057,6 +1058,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-weights", choices=["none", "balanced"],
                         default="none" if DEFAULTS["label_weights"] is None else DEFAULTS["label_weights"],
                         help="weights of the labels in the loss (default: as in DEFAULTS)")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training command shares: device, data, threads, evaluation, progress bar."""
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--source", choices=["auto", "tcia", "synthetic"], default=None,
                         help="data: the real slices, the phantom, or auto (default: $L2R_DATA_SOURCE, else auto)")
@@ -1065,7 +1072,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for training (default 1) and evaluation (default: torch's)")
     parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

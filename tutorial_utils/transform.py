@@ -91,6 +91,18 @@ def warp(
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def _check_labels(labels: torch.Tensor, num_labels: int, layout: str) -> None:
+    """Integer label maps with values 0..num_labels-1 and one dimension per name in ``layout``."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != layout.count(",") + 1:
+        raise ValueError(f"labels must be {layout} integers, got {getattr(labels, 'shape', labels)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"labels hold values outside 0..{num_labels - 1}")
+
+
 def warp_labels(
     labels: torch.Tensor, displacement: torch.Tensor, num_labels: int, mode: str = "bilinear"
 ) -> torch.Tensor:
@@ -103,14 +115,7 @@ def warp_labels(
     Returns:
         int64 [B, H, W] with values in 0..num_labels-1.
     """
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
-        raise ValueError(f"labels must be [B, H, W] integers, got {getattr(labels, 'shape', labels)}")
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if num_labels < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-        raise ValueError(f"labels hold values outside 0..{num_labels - 1}")
+    _check_labels(labels, num_labels, "[B, H, W]")
     dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
     if mode == "nearest":
         warped = warp(labels[:, None].to(dtype), displacement, mode="nearest")  # [B, 1, H, W]
@@ -267,14 +272,7 @@ def warp_labels3d(
     Returns:
         int64 [B, Z, Y, X] with values in 0..num_labels-1.
     """
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 4:
-        raise ValueError(f"labels must be [B, Z, Y, X] integers, got {getattr(labels, 'shape', labels)}")
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if num_labels < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-        raise ValueError(f"labels hold values outside 0..{num_labels - 1}")
+    _check_labels(labels, num_labels, "[B, Z, Y, X]")
     dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
     if mode == "nearest":
         return warp3d(labels[:, None].to(dtype), displacement, mode="nearest")[:, 0].round().long()
