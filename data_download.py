@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tutorial_utils import data
+from tutorial_utils.checks import argument_type, check_int
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", default=None, help="folder to look in / write to (default: the cache)")
     parser.add_argument("--synthetic", action="store_true", help="build the synthetic phantom set only")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed (a new seed gives new patients)")
+    parser.add_argument("--seed", type=argument_type(check_int, minimum=0), default=0,
+                        help="phantom seed, an integer >= 0 (a new seed gives new patients)")
     parser.add_argument("--url", default=None, help="archive address (default $L2R_DATA_URL or the 2019 link)")
     parser.add_argument("--no-fallback", action="store_true",
                         help="fail instead of building the phantom when the real data cannot be had")
     args = parser.parse_args(argv)
+    if args.dest is not None and Path(args.dest).expanduser().is_file():
+        parser.error(f"--dest must be a folder, but {args.dest} is a file")
 
     if not args.synthetic:
         folder = data.find_tcia(args.dest)

@@ -4,10 +4,13 @@
 #   ./tutorial.sh              set up (virtual environment, package, data) and open JupyterLab on notebooks/
 #   ./tutorial.sh --headless   set up and execute every notebook without a browser (copies in build/notebooks/)
 #   ./tutorial.sh test         set up and run the tests: unit tests and every notebook through nbval
+#                              (extra arguments go to pytest; paths among them replace "tests notebooks")
 #   ./tutorial.sh setup        set up only
 #
 # Environment: L2R_VENV (default .venv), TORCH_SPEC (default torch==2.13.*; an already
-# installed torch is never replaced), L2R_DATA_DIR (data cache), L2R_QUICK=1 (shorter training).
+# installed torch is never replaced), L2R_DATA_DIR (data cache), L2R_QUICK=1 (shorter training);
+# torch's ATEN_CPU_CAPABILITY (default, avx2, avx512) and OMP_NUM_THREADS are honoured, e.g.
+# `ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 ./tutorial.sh test notebooks` (what CI runs second).
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-lab}
@@ -33,7 +36,11 @@ case "$mode" in
     # test run never downloads and gives the same numbers on every machine.
     export L2R_DATA_SOURCE=synthetic MPLBACKEND=agg
     python data_download.py --synthetic
-    python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+    # Paths among the arguments replace the default "tests notebooks" (e.g. `test notebooks -x`).
+    paths=(tests notebooks)
+    for arg in "${@:2}"; do [ "${arg#-}" = "$arg" ] && [ -e "$arg" ] && paths=() && break; done
+    python -c "import torch; print('== torch', torch.__version__, '| CPU kernels', torch.backends.cpu.get_cpu_capability(), '| threads', torch.get_num_threads())"
+    python -m pytest "${paths[@]}" --nbval-lax --nbval-current-env \
       --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900 \
       -p no:cacheprovider -q "${@:2}"
     ;;

@@ -1,10 +1,11 @@
-"""Smoke tests of ``python -m tutorial_utils.benchmark`` at tiny sizes (no timing assertions)."""
+"""Smoke tests of ``python -m tutorial_utils.benchmark`` at tiny sizes (no assertions on speed)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,9 +37,10 @@ def test_cli_writes_json_and_prints_a_table(tmp_path, capsys):
     assert result["settings"]["disp_ranges"] == [3, 5]
     assert len(result["rows"]) == 2 * 2 * 2  # sizes x D x implementations
     for row in result["rows"]:
-        for key in ("forward_ms", "forward_backward_ms", "forward_peak_bytes", "forward_backward_peak_bytes"):
-            assert row[key] is not None and row[key] >= 0, (key, row)
-        assert row["forward_peak_bytes"] > 0  # at least the cost volume itself
+        assert row["forward_ms"] > 0 and row["forward_backward_ms"] > 0, row
+        cost_bytes = 4 * row["D"] ** 2 * row["H"] * row["W"]  # the float32 cost volume [1, D*D, H, W]
+        assert row["forward_peak_bytes"] >= cost_bytes, row  # at least the cost volume itself
+        assert row["forward_backward_peak_bytes"] >= cost_bytes, row
     assert {r["impl"] for r in result["rows"]} == {"unfold (2019)", "correlation"}
     assert result["machine"]["device"] in ("cpu", "cuda")
 
@@ -58,11 +60,13 @@ def test_list_and_missing_subcommand(capsys):
     assert main([]) == 2
 
 
-def test_bad_arguments_exit_with_usage():
-    with pytest.raises(SystemExit):
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main(["correlation", "--sizes", "80by64"])
-    with pytest.raises(SystemExit):
+    assert "--sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
         main(["no-such-benchmark"])
+    assert "no-such-benchmark" in capsys.readouterr().err
 
 
 def test_registry_takes_a_new_benchmark(capsys):
@@ -108,8 +112,9 @@ def test_peak_memory_counts_a_known_allocation():
 
 
 def test_time_call_reduces_repeats_for_slow_calls():
-    timing = time_call(lambda: None, torch.device("cpu"), warmup=1, repeats=5)
-    assert timing["repeats"] == 5 and timing["median_ms"] >= 0
+    timing = time_call(lambda: time.sleep(0.003), torch.device("cpu"), warmup=1, repeats=5)
+    # a sleep lasts at least as long as asked: 3 ms per call, whatever the machine's load
+    assert timing["repeats"] == 5 and 3.0 <= timing["min_ms"] <= timing["median_ms"]
     slow = time_call(lambda: sum(range(20000)), torch.device("cpu"), warmup=1, repeats=50,
                      max_seconds=1e-6, min_repeats=2)
     assert slow["repeats"] == 2

@@ -52,21 +52,40 @@ def test_feature_cnn_shapes_and_errors():
         net(torch.rand(1, 64, 80))
 
 
-def test_dice_of_known_shapes():
-    a = torch.zeros(10, 10, dtype=torch.long)
-    b = torch.zeros(10, 10, dtype=torch.long)
-    a[0:4, 0:5] = 1  # 20 pixels
-    b[2:6, 0:5] = 1  # 20 pixels, 10 shared
-    a[8:10, 8:10] = 2  # label 2 only in a
-    per_label = dice(a, b, num_labels=4)
-    assert per_label[1].item() == pytest.approx(2 * 10 / 40)
-    assert per_label[2].item() == 0.0
-    assert math.isnan(per_label[3].item())  # in neither map
-    assert mean_dice(a, b, 4) == pytest.approx((0.5 + 0.0) / 2)
-    with pytest.raises(ValueError, match="outside 0..3"):
-        dice(a + 4, b, 4)
+def dice_loops(a, b, num_labels):
+    """Brute force: count every label's pixels in a, in b and in both, one pixel at a time."""
+    count_a, count_b, both = [0] * num_labels, [0] * num_labels, [0] * num_labels
+    for va, vb in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
+        count_a[va] += 1
+        count_b[vb] += 1
+        if va == vb:
+            both[va] += 1
+    return [2 * both[v] / (count_a[v] + count_b[v]) if count_a[v] + count_b[v] else math.nan
+            for v in range(num_labels)]
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (2, 5, 6), (3, 2, 4, 5)])
+def test_dice_and_mean_dice_match_pixel_loops(shape):
+    generator = torch.Generator().manual_seed(len(shape))
+    a = torch.randint(0, 4, shape, generator=generator)
+    b = torch.randint(0, 4, shape, generator=generator)
+    b[b == 3] = 2  # label 3 only in a: Dice 0; label 4 in neither map: NaN, left out of the mean
+    expected = dice_loops(a, b, 5)
+    got = dice(a, b, num_labels=5)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+    assert got[3].item() == 0.0 and math.isnan(got[4])
+    foreground = [v for v in expected[1:] if not math.isnan(v)]
+    assert mean_dice(a, b, 5) == pytest.approx(sum(foreground) / len(foreground))
+    assert math.isnan(mean_dice(torch.zeros_like(a), torch.zeros_like(b), 5))  # background only
+
+
+def test_dice_rejects_bad_label_maps():
+    a = torch.zeros(4, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="values 0..3"):
+        dice(a + 4, a, 4)
     with pytest.raises(ValueError, match="same shape"):
-        dice(a, b[:5], 4)
+        dice(a, a[:3], 4)
 
 
 class _Square(Exercise):

@@ -158,7 +158,7 @@ def test_bad_download_says_why_and_leaves_nothing(server, cache, path, message):
 
 def test_failed_download_keeps_an_earlier_good_copy(server, cache):
     download(url=server + "/good.zip")
-    with pytest.raises(data.DataError):
+    with pytest.raises(data.DataError, match="43 slices"):
         download(url=server + "/wrong_count.zip")
     assert data.read_slices(cache / "Learn2Reg")[0].shape[0] == 43
 

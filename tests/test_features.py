@@ -77,21 +77,39 @@ def test_feature_shapes_and_pooling():
     assert torch.allclose(feat[0, 0, 1, 2], image[0, 0, 4:8, 8:12].mean())
     assert Fe.mind_features(image).shape == (1, 16, 8, 10)
     assert Fe.mind_features(image, dilation=2, downsample=1).shape == (1, 4, 8, 10)
-    half = torch.nn.functional.avg_pool2d(image, 2)
-    assert torch.allclose(Fe.mind_features(image, dilation=(1, 3)),
-                          torch.nn.functional.avg_pool2d(Fe.mind_ssc(half, dilation=(1, 3)), 2))
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: Fe.intensity_features(torch.rand(1, 1, 30, 40)),
-    lambda: Fe.intensity_features(torch.rand(1, 2, 32, 40)),
-    lambda: Fe.mind_ssc(torch.rand(32, 40)),
-    lambda: Fe.mind_ssc(torch.ones(1, 1, 8, 8, dtype=torch.uint8)),
-    lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), radius=-1),
-    lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), dilation=0),
-    lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), dilation=()),
-    lambda: Fe.mind_features(torch.rand(1, 1, 8, 8), downsample=3),
+def block_mean_loops(maps, k):
+    """Mean of every k x k block of [C, H, W], pixel by pixel."""
+    C, H, W = maps.shape
+    out = torch.zeros(C, H // k, W // k, dtype=torch.float64)
+    for c, y, x in itertools.product(range(C), range(H), range(W)):
+        out[c, y // k, x // k] += float(maps[c, y, x]) / k**2
+    return out
+
+
+def test_mind_features_match_loops():
+    """Half resolution (2 x 2 means), MIND-SSC of each dilation (the loop reference), stacked,
+    then 2 x 2 means again down to 1/4."""
+    image = smooth_image(16, 24).double()
+    half = block_mean_loops(image[0], 2)[None]  # [1, 1, 8, 12]
+    mind = torch.cat([mind_reference(half, 1, d) for d in (1, 3)])  # [8, 8, 12]
+    expected = block_mean_loops(mind, 2)  # [8, 4, 6]
+    got = Fe.mind_features(image, dilation=(1, 3))
+    assert got.shape == (1, 8, 4, 6)
+    assert torch.allclose(got[0], expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: Fe.intensity_features(torch.rand(1, 1, 30, 40)), "divisible by stride"),
+    (lambda: Fe.intensity_features(torch.rand(1, 2, 32, 40)), r"image.*\[B, 1, H, W\]"),
+    (lambda: Fe.mind_ssc(torch.rand(32, 40)), r"image.*\[B, 1, H, W\]"),
+    (lambda: Fe.mind_ssc(torch.ones(1, 1, 8, 8, dtype=torch.uint8)), "floating point"),
+    (lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), radius=-1), "radius"),
+    (lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), dilation=0), "dilation"),
+    (lambda: Fe.mind_ssc(torch.rand(1, 1, 8, 8), dilation=()), "dilation"),
+    (lambda: Fe.mind_features(torch.rand(1, 1, 8, 8), downsample=3), "downsample"),
 ])
-def test_bad_input_raises_value_error(bad):
-    with pytest.raises(ValueError):
+def test_bad_input_raises_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
         bad()

@@ -63,25 +63,59 @@ def test_folding_fraction_counts_folded_pixels():
     assert torch.allclose(M.folding_fraction(field), torch.stack([torch.tensor(0.0, dtype=torch.float64), folded]))
 
 
-def test_log_jacobian_std():
-    scaling = affine_field(((1.1, 0.0, 0.0), (0.0, 1.1, 0.0)), 8, 8)
-    assert M.log_jacobian_std(scaling).item() == pytest.approx(0.0, abs=1e-12)
-    torch.manual_seed(0)
-    rough = torch.randn(1, 2, 16, 16, dtype=torch.float64) * 0.2
-    det = M.jacobian_determinant(rough).clamp_min(1e-3)
-    assert M.log_jacobian_std(rough).item() == pytest.approx(det.log().std().item())
-
-
-@pytest.mark.parametrize("bad", [
-    lambda: M.jacobian_determinant(torch.zeros(1, 3, 8, 8)),
-    lambda: M.jacobian_determinant(torch.zeros(2, 8, 8)),
-    lambda: M.jacobian_determinant(torch.zeros(1, 2, 1, 8)),
-    lambda: M.folding_fraction(torch.zeros(1, 2, 8, 8, dtype=torch.long)),
-    lambda: M.log_jacobian_std(torch.zeros(1, 2, 8, 8), eps=0.0),
-    lambda: M.dice(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), 2),
+@pytest.mark.parametrize("matrix", [
+    ((1.1, 0.0, 0.0), (0.0, 1.1, 0.0)),  # uniform scaling
+    ((math.cos(0.4), -math.sin(0.4), 1.0), (math.sin(0.4), math.cos(0.4), -2.0)),  # rigid
+    ((1.3, 0.4, 0.0), (-0.2, 0.7, 3.0)),  # any affine map: constant determinant
 ])
-def test_bad_input_raises_value_error(bad):
-    with pytest.raises(ValueError):
+def test_log_jacobian_std_of_an_affine_map_is_zero(matrix):
+    assert M.log_jacobian_std(affine_field(matrix, 8, 9)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def two_region_field(H, W, top_rows, slope_top, slope_bottom):
+    """dy = 0, dx = a(y) * x with a = slope_top in the first ``top_rows`` rows, slope_bottom below.
+
+    d(dy)/dx = 0, so det J = 1 + d(dx)/dx = 1 + a(y) exactly at every pixel (the field is
+    linear along x, where the differences are taken), whatever happens between the rows."""
+    ys, xs = torch.meshgrid(torch.arange(H).double(), torch.arange(W).double(), indexing="ij")
+    slope = torch.where(ys < top_rows, torch.tensor(slope_top, dtype=torch.float64),
+                        torch.tensor(slope_bottom, dtype=torch.float64))
+    return torch.stack([torch.zeros_like(xs), slope * xs])[None]
+
+
+def two_value_std(n1, v1, n2, v2):
+    """Sample standard deviation (n - 1) of n1 copies of v1 and n2 copies of v2, in closed form."""
+    n = n1 + n2
+    return math.sqrt(n1 * n2 * (v1 - v2) ** 2 / (n * (n - 1)))
+
+
+def test_log_jacobian_std_of_two_regions_with_known_determinants():
+    H, W = 6, 7
+    # 2 rows with det 1.5, 4 rows with det 0.8
+    field = two_region_field(H, W, 2, 0.5, -0.2)
+    assert torch.allclose(M.jacobian_determinant(field)[0, :2], torch.full((2, W), 1.5, dtype=torch.float64))
+    expected = two_value_std(2 * W, math.log(1.5), 4 * W, math.log(0.8))
+    assert M.log_jacobian_std(field).item() == pytest.approx(expected, rel=1e-12)
+    # folded rows (det 1 - 1.5 = -0.5) count as log(eps)
+    folded = two_region_field(H, W, 3, 0.0, -1.5)
+    for eps in (1e-3, 0.1):
+        expected = two_value_std(3 * W, 0.0, 3 * W, math.log(eps))
+        assert M.log_jacobian_std(folded, eps=eps).item() == pytest.approx(expected, rel=1e-12)
+    # one value per field of a batch
+    both = M.log_jacobian_std(torch.cat([field, torch.zeros_like(field)]))
+    assert both.shape == (2,) and both[1].item() == 0.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: M.jacobian_determinant(torch.zeros(1, 3, 8, 8)), "displacement"),
+    (lambda: M.jacobian_determinant(torch.zeros(2, 8, 8)), "displacement"),
+    (lambda: M.jacobian_determinant(torch.zeros(1, 2, 1, 8)), "displacement.*at least 2"),
+    (lambda: M.folding_fraction(torch.zeros(1, 2, 8, 8, dtype=torch.long)), "displacement.*floating point"),
+    (lambda: M.log_jacobian_std(torch.zeros(1, 2, 8, 8), eps=0.0), "eps"),
+    (lambda: M.dice(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), 2), "same shape"),
+])
+def test_bad_input_raises_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
         bad()
 
 
@@ -136,7 +170,7 @@ def test_centroid_distance_of_a_shifted_square():
     (lambda: M.centroid_distance(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), 2),
      "same shape"),
     (lambda: M.centroid_distance(torch.zeros(3, 3), torch.zeros(3, 3), 2), "integer"),
-    (lambda: M.centroid_distance(torch.full((3, 3), 2), torch.zeros(3, 3, dtype=torch.long), 2), "outside"),
+    (lambda: M.centroid_distance(torch.full((3, 3), 2), torch.zeros(3, 3, dtype=torch.long), 2), "values 0..1"),
     (lambda: M.centroid_distance(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2),
      "label map"),
 ])

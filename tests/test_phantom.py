@@ -159,8 +159,8 @@ def test_radiological_orientation(phantom):
         ({"misalignment": "1"}, "misalignment"),
     ],
 )
-def test_bad_arguments_raise_clear_value_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
         make_phantom(**kwargs)
 
 

@@ -38,7 +38,8 @@ def test_recovers_a_translation_within_the_search_range(features):
     disp = G.register_images(fixed, moving, features, prealign="none")
     assert disp.shape == (1, 2, 64, 80) and disp.dtype == torch.float32
     inner = disp[0, :, 20:44, 24:56].mean(dim=(1, 2))
-    assert torch.allclose(inner, torch.tensor([6.0, -8.0]), atol=1.5), inner
+    # measured errors (dy, dx): intensity (0.16, 0.30), mind (0.09, 0.35) px: tolerance ~2x the worst
+    assert torch.allclose(inner, torch.tensor([6.0, -8.0]), atol=0.7), inner
     error_before = (moving - fixed).abs()[..., 16:48, 16:64].mean()
     error_after = (T.warp(moving, disp) - fixed).abs()[..., 16:48, 16:64].mean()
     assert error_after < 0.5 * error_before
@@ -47,20 +48,25 @@ def test_recovers_a_translation_within_the_search_range(features):
 def test_the_2019_defaults_run_and_recover_a_translation():
     fixed = blob_image()
     moving = shifted(fixed, -5, 4)
-    disp = G.register_images(fixed, moving, "intensity", **G.DEFAULTS_2019)
+    # MIND: the 2019 pipeline does not normalise the costs, and the SSD of raw intensities is
+    # too small for alpha = 10 (measured: intensity features recover only (-1.8, 0.6) of (-5, 4))
+    disp = G.register_images(fixed, moving, "mind", **G.DEFAULTS_2019)
     inner = disp[0, :, 20:44, 24:56].mean(dim=(1, 2))
-    assert torch.allclose(inner, torch.tensor([-5.0, 4.0]), atol=1.5), inner
+    # measured errors (dy, dx): (0.41, 0.44) px: tolerance ~2x
+    assert torch.allclose(inner, torch.tensor([-5.0, 4.0]), atol=0.9), inner
 
 
-@pytest.mark.parametrize("prealign", ["com", "moments", "affine"])
-def test_prealignment_recovers_shifts_beyond_the_search_range(prealign):
+# measured errors (dy, dx) in px: com (0.15, 0.01), moments (0.05, 0.15), affine (0.24, 0.44);
+# tolerances ~2x the worst component
+@pytest.mark.parametrize("prealign, tolerance", [("com", 0.3), ("moments", 0.3), ("affine", 0.9)])
+def test_prealignment_recovers_shifts_beyond_the_search_range(prealign, tolerance):
     fixed = blob_image(96, 128)
     moving = shifted(fixed, 12, -30)  # D = 9 reaches only +-16 pixels
     none = G.register_images(fixed, moving, "intensity", prealign="none", refine_range=None)
     aligned = G.register_images(fixed, moving, "intensity", prealign=prealign)
     target = torch.tensor([12.0, -30.0])
     inner = (slice(None), slice(36, 60), slice(44, 84))
-    assert torch.allclose(aligned[0][inner].mean(dim=(1, 2)), target, atol=2.0)
+    assert torch.allclose(aligned[0][inner].mean(dim=(1, 2)), target, atol=tolerance)
     assert (none[0][inner].mean(dim=(1, 2)) - target).abs().max() > 8
 
 
@@ -90,7 +96,35 @@ def test_details_shapes_and_consistency():
     assert details.stride == 4 and details.disp_range == 7
     assert torch.allclose(details.probabilities.sum(1), torch.ones(2, 16, 20), atol=1e-5)
     assert torch.allclose(details.cost_volume.mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-4)  # normalised
-    assert torch.allclose(disp, T.upsample_displacement(details.displacement_low, (64, 80)), atol=1e-5)
+    # the soft arg-min: sum_k p_k (dy_k, dx_k) with k = i * 7 + j <-> (i - 3, j - 3), pixel by pixel
+    expected_low = torch.zeros(2, 2, 16, 20, dtype=torch.float64)
+    p = details.probabilities.double()
+    for k in range(49):
+        expected_low[:, 0] += p[:, k] * (k // 7 - 3)
+        expected_low[:, 1] += p[:, k] * (k % 7 - 3)
+    assert torch.allclose(details.displacement_low.double(), expected_low, atol=1e-5)
+    # upsampled x4 (bilinear, feature pixel centres at 4i + 1.5) and scaled by 4, in pixel loops
+    expected = 4 * bilinear_half_pixel_loops(expected_low, 64, 80)
+    assert torch.allclose(disp.double(), expected, atol=1e-4)
+    assert disp.abs().max() > 1  # a real shift, not a field that is zero anyway
+
+
+def bilinear_half_pixel_loops(field, H, W):
+    """Bilinear interpolation of [B, C, h, w] to [B, C, H, W], pixel by pixel: image pixel y samples
+    the low grid at s = (y + 0.5) * h / H - 0.5, clamped to [0, h - 1] (the nearest edge value beyond)."""
+    B, C, h, w = field.shape
+    out = torch.zeros(B, C, H, W, dtype=torch.float64)
+    for y in range(H):
+        sy = min(max((y + 0.5) * h / H - 0.5, 0.0), h - 1.0)
+        y0 = int(math.floor(sy))
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for x in range(W):
+            sx = min(max((x + 0.5) * w / W - 0.5, 0.0), w - 1.0)
+            x0 = int(math.floor(sx))
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            out[:, :, y, x] = ((1 - fy) * (1 - fx) * field[:, :, y0, x0] + (1 - fy) * fx * field[:, :, y0, x1]
+                               + fy * (1 - fx) * field[:, :, y1, x0] + fy * fx * field[:, :, y1, x1])
+    return out
 
 
 def test_chunking_does_not_change_the_result():
@@ -131,24 +165,24 @@ def test_identical_images_give_a_near_identity_without_folding():
     assert M.folding_fraction(disp).item() == 0.0
 
 
-@pytest.mark.parametrize("bad", [
-    lambda f, m: G.register_images(f[0], m[0]),
-    lambda f, m: G.register_images(f, m[..., :60, :]),
-    lambda f, m: G.register_images(f[..., :62, :], m[..., :62, :]),
-    lambda f, m: G.register_images(f, m, "sift"),
-    lambda f, m: G.register_images(f, m, torch.nn.Identity()),
-    lambda f, m: G.register_images(f, m, disp_range=8),
-    lambda f, m: G.register_images(f, m, refine_range=4),
-    lambda f, m: G.register_images(f, m, alpha=0.0),
-    lambda f, m: G.register_images(f, m, prealign="rigid"),
-    lambda f, m: G.register_images(f, m, border="reflect"),
-    lambda f, m: G.register_images(f, m, min_kernel=2),
-    lambda f, m: G.register_images(f, m, meanfield_iterations=-1),
-    lambda f, m: G.register_images((f * 255).byte(), (m * 255).byte()),
+@pytest.mark.parametrize("bad, match", [
+    (lambda f, m: G.register_images(f[0], m[0]), "image_fixed"),
+    (lambda f, m: G.register_images(f, m[..., :60, :]), "image_moving.*differ in shape"),
+    (lambda f, m: G.register_images(f[..., :62, :], m[..., :62, :]), "divisible by 4"),
+    (lambda f, m: G.register_images(f, m, "sift"), "features"),
+    (lambda f, m: G.register_images(f, m, torch.nn.Identity()), "feature module"),
+    (lambda f, m: G.register_images(f, m, disp_range=8), "disp_range"),
+    (lambda f, m: G.register_images(f, m, refine_range=4), "refine_range"),
+    (lambda f, m: G.register_images(f, m, alpha=0.0), "alpha"),
+    (lambda f, m: G.register_images(f, m, prealign="rigid"), "prealign"),
+    (lambda f, m: G.register_images(f, m, border="reflect"), "border"),
+    (lambda f, m: G.register_images(f, m, min_kernel=2), "min_kernel"),
+    (lambda f, m: G.register_images(f, m, meanfield_iterations=-1), "meanfield_iterations"),
+    (lambda f, m: G.register_images((f * 255).byte(), (m * 255).byte()), "image_fixed.*floating point"),
 ])
-def test_bad_input_raises_value_error(bad):
+def test_bad_input_raises_value_error(bad, match):
     fixed = blob_image()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         bad(fixed, fixed.clone())
 
 

@@ -6,6 +6,7 @@ torch.autograd.gradcheck, and the reference regulariser of tutorial_utils.regula
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -272,7 +273,7 @@ def test_train_on_custom_dataset_with_three_labels():
     model, history = train_features(dataset, num_pairs=12, progress=False, images_per_step=3, device="cpu")
     assert isinstance(history, LossHistory)
     assert len(history) == 2 and history.pairs == 12 and all(math.isfinite(v) for v in history)
-    assert history.seconds > 0 and history.pairs_per_second > 0
+    assert history.seconds > 0 and history.pairs_per_second == pytest.approx(history.pairs / history.seconds)
     assert not model.training
     with torch.no_grad():
         displacement = register_images(dataset.images[:2], dataset.images[2:4], model)
@@ -282,11 +283,40 @@ def test_train_on_custom_dataset_with_three_labels():
     assert result["dice"].shape == (2, 3) and result["mean_dice"].shape == (2,)
 
 
-def test_train_on_misaligned_dataset_with_balanced_weights():
+def test_balanced_label_weights_are_inverse_areas_counted_by_hand(monkeypatch):
+    """"balanced": w_l = 1 / area_l, normalised so that sum_l w_l * area_l = 1, i.e.
+    w_l = N / (n_l * P) for n_l pixels of label l among the N training pixels and P labels
+    present; 0 for a label absent from the training slices."""
+    import tutorial_utils.train as train_module
+
     dataset = blob_dataset(num_labels=4, size=(32, 40), shift=3, seed=1)
-    model, history = train_features(dataset, num_pairs=4, progress=False, images_per_step=2,
-                                    label_weights="balanced", diffusion_weight=0.1, disp_range=5)
+    labels = dataset.labels.clone()
+    train_ids = list(dataset.train_ids)
+    labels[train_ids] = torch.where(labels[train_ids] == 3, 0, labels[train_ids])  # label 3 only in test slices
+    dataset = type(dataset).from_arrays(dataset.images[:, 0], labels, dataset.label_names,
+                                        train_ids=train_ids, test_ids=list(dataset.test_ids))
+    counts = [0] * 4
+    for i in train_ids:
+        for value in dataset.labels[i].reshape(-1).tolist():
+            counts[value] += 1
+    total, present = sum(counts), sum(n > 0 for n in counts)
+    assert counts[3] == 0 and present == 3
+    expected = [total / (n * present) if n else 0.0 for n in counts]
+
+    seen = []
+    real_pair_loss = train_module.pair_loss
+
+    def spy(*args, **kwargs):  # records the weights train_features hands to the loss
+        seen.append(inspect.signature(real_pair_loss).bind(*args, **kwargs).arguments["label_weights"])
+        return real_pair_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "pair_loss", spy)
+    _, history = train_features(dataset, num_pairs=4, progress=False, images_per_step=2, prealign="none",
+                                label_weights="balanced", diffusion_weight=0.1, disp_range=5)
     assert len(history) == 2 and history.settings["label_weights"] == "balanced"
+    assert len(seen) == 2
+    for weights in seen:
+        assert weights.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_training_is_deterministic_on_the_cpu():
@@ -329,7 +359,30 @@ def test_the_2019_loop_runs():
     assert len(history) == 3 and not model.training
     loss = loss_2019(model.train(), dataset.images[:1], dataset.images[1:2], dataset.labels[:1],
                      dataset.labels[1:2], dataset.num_labels)
-    assert loss.dim() == 0 and loss.item() >= 0
+    assert loss.dim() == 0 and loss.requires_grad
+
+
+class _ZeroFeatures(torch.nn.Module):
+    """Features that are 0 everywhere: every cost is 0 (the zero padding too), so the softmax is uniform."""
+
+    def forward(self, image):
+        return torch.zeros(image.shape[0], 3, image.shape[2] // 4, image.shape[3] // 4)
+
+
+@pytest.mark.parametrize("D", [3, 5])
+def test_loss_2019_with_uniform_probabilities_matches_loops(D):
+    """Labels constant on 4 x 4 blocks (so bilinear downsampling is exact), zero features:
+    p = 1 / D^2 for every displacement, and loss_2019 is the loop loss of those probabilities."""
+    generator = torch.Generator().manual_seed(D)
+    h, w, L = 4, 5, 3
+    blocks = torch.randint(0, L, (2, 1, h, w), generator=generator)
+    fixed, moving = (b.repeat_interleave(4, 1).repeat_interleave(4, 2) for b in blocks)  # [1, 16, 20]
+    uniform = torch.full((1, D * D, h, w), 1.0 / D**2, dtype=torch.float64)
+    expected = loss_loops(uniform, fixed, moving, L)
+    images = torch.rand(2, 1, 4 * h, 4 * w, generator=generator)
+    loss = loss_2019(_ZeroFeatures(), images[:1], images[1:], fixed, moving, L, disp_range=D)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() > 0.1  # the labels differ: the check is not 0 == 0
 
 
 # --------------------------------------------------------------------------- weights on disk

@@ -2,7 +2,8 @@
 
 Layers (nothing imports upward):
 
-* building blocks, importing nothing of ours: ``environment``, ``correlation``,
+* the foundation, importing nothing of ours: ``checks`` (the shared input checks)
+* building blocks, importing only ``checks``: ``environment``, ``correlation``,
   ``regularisation``, ``transform``, ``metrics``, ``features``, ``models``, ``phantom``
 * composing them: ``registration``, ``instance``, ``data``, ``plotting``
 * above those: ``train``, ``continuous``, ``widgets``

@@ -43,7 +43,9 @@ from typing import Callable
 
 import torch
 
+from .checks import argument_type, check_int, check_number, check_odd
 from .correlation import correlation, correlation_unfold
+from .train import device_name
 
 __all__ = [
     "BENCHMARKS",
@@ -218,15 +220,18 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
             h, w = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"sizes must look like 80x64,160x128 (H x W), got {item!r}") from None
+        if h < 1 or w < 1:
+            raise argparse.ArgumentTypeError(f"sizes must be positive (H x W), got {item!r}")
         sizes.append((h, w))
     return sizes
 
 
-def _parse_ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+# argparse types (a bad value: argparse's usage line, the message, exit status 2)
+_positive_int = argument_type(check_int, minimum=1)
+_non_negative_int = argument_type(check_int, minimum=0)
+_positive_float = argument_type(check_number, float, minimum=0, strict_minimum=True)
+_positive_ints = argument_type(check_int, many=True, minimum=1)
+_odd_ints = argument_type(check_odd, many=True)
 
 
 # --------------------------------------------------------------------------- correlation
@@ -420,18 +425,19 @@ def format_correlation_table(result: dict) -> str:
 def _correlation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=_parse_sizes, default=[(80, 64), (160, 128)],
                         help="feature-map sizes H x W, comma separated (default 80x64,160x128)")
-    parser.add_argument("--disp-ranges", type=_parse_ints, default=[9, 21, 41],
-                        help="displacement ranges D, comma separated (default 9,21,41)")
-    parser.add_argument("--channels", type=int, default=24, help="feature channels C (default 24)")
+    parser.add_argument("--disp-ranges", type=_odd_ints, default=[9, 21, 41],
+                        help="displacement ranges D (odd), comma separated (default 9,21,41)")
+    parser.add_argument("--channels", type=_positive_int, default=24, help="feature channels C (default 24)")
     parser.add_argument("--metric", choices=["ssd", "dot"], default="ssd",
                         help="metric of the fast layer; the unfold layer only runs for ssd (default ssd)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per measurement (default 2)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement, median reported (default 7)")
-    parser.add_argument("--max-seconds", type=float, default=20.0,
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=2, help="warm-up calls per measurement (default 2)")
+    parser.add_argument("--repeats", type=_positive_int, default=7,
+                        help="timed calls per measurement, median reported (default 7)")
+    parser.add_argument("--max-seconds", type=_positive_float, default=20.0,
                         help="fewer repeats (at least 3) where one measurement would take longer (default 20)")
-    parser.add_argument("--max-unfold-gb", type=float, default=2.0,
+    parser.add_argument("--max-unfold-gb", type=_positive_float, default=2.0,
                         help="skip the unfold layer where its [C, D*D, H*W] tensor exceeds this many GiB (default 2)")
     parser.add_argument("--no-peak", action="store_true", help="do not measure the matmul peak")
 
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         child = sub.add_parser(bench.name, help=bench.help, description=bench.help)
         child.add_argument("--json", type=Path, default=None, metavar="PATH",
                            help="also write the results as JSON to PATH (e.g. benchmark-results/correlation.json)")
-        child.add_argument("--threads", type=int, default=None,
+        child.add_argument("--threads", type=_positive_int, default=None,
                            help="torch.set_num_threads for this run (default: torch's default)")
         bench.add_arguments(child)
     return parser
@@ -523,9 +529,12 @@ def run_training_benchmark(
     ordered pairs among the step's slices, the fast correlation and regulariser, the shared
     label warp, chunked differentiation. Three rows of ours:
 
-    * ``2019 settings``: the same regularisation as the 2019 loop (min-pool 3, two average
-      pools 5, one mean-field round, ``alpha`` 10, zero border, no pre-alignment), so the
-      same work per pair: the like-for-like comparison (the headline ``speedup``);
+    * ``2019 settings``: the 2019 kernels (min-pool 3, two average pools 5, one mean-field
+      round of three pools 5), ``alpha`` 10, zero border and no pre-alignment, read from
+      :data:`tutorial_utils.train.TRAIN_DEFAULTS_2019` (``train_features_settings_2019``), so
+      the same work per pair: the like-for-like comparison (the headline ``speedup``). Our
+      loop still divides the costs by their mean and min-pools first (its own choices, no
+      extra work), so its losses are not the 2019 loop's;
     * ``2019 settings, n=2``: the same with two slices per step (one CNN pass per pair), the
       speed-up that does not come from sharing the CNN between pairs;
     * ``default settings``: what ``train_features`` does by default (the regularisation of
@@ -541,14 +550,12 @@ def run_training_benchmark(
         ``speedup`` (ours with the 2019 settings over the 2019 loop).
     """
     from .data import load_dataset
-    from .registration import DEFAULTS_2019
-    from .train import DEFAULTS, REG_KEYS, train_features, train_features_2019
+    from .train import DEFAULTS, train_features, train_features_2019, train_features_settings_2019
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = load_dataset(source=source, seed=seed, verbose=False)
     n = images_per_step or DEFAULTS["images_per_step"]
-    like_2019 = dict(alpha=DEFAULTS_2019["alpha"], prealign="none", border="zeros",
-                     **{key: DEFAULTS_2019[key] for key in REG_KEYS})
+    like_2019 = train_features_settings_2019()
     common = dict(seed=seed, device=device, progress=False, threads=threads)
 
     def measure(name: str, run, num_pairs: int, cnn_passes: float, step_size: int) -> dict:
@@ -610,12 +617,14 @@ def format_training_table(result: dict) -> str:
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=int, default=240, help="pairs per run of our loop (default 240)")
-    parser.add_argument("--pairs-2019", type=int, default=24, help="pairs per run of the 2019 loop (default 24)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop, median reported (default 2)")
-    parser.add_argument("--images-per-step", type=int, default=None,
+    parser.add_argument("--pairs", type=_positive_int, default=240, help="pairs per run of our loop (default 240)")
+    parser.add_argument("--pairs-2019", type=_positive_int, default=24,
+                        help="pairs per run of the 2019 loop (default 24)")
+    parser.add_argument("--repeats", type=_positive_int, default=2,
+                        help="timed runs per loop, median reported (default 2)")
+    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2), default=None,
                         help="our loop's slices per step (default: the training default)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--source", choices=["synthetic", "tcia", "auto"], default="synthetic",
                         help="the slices to train on (default synthetic)")
 
@@ -667,11 +676,10 @@ def cost_3d(grid_shape: int | Sequence[int], disp_range: int, bytes_per_value: i
     shape = (grid_shape,) * 3 if isinstance(grid_shape, int) else tuple(int(n) for n in grid_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"grid_shape must be a positive int or three of them (d, h, w), got {grid_shape!r}")
-    if not isinstance(disp_range, int) or disp_range < 1 or disp_range % 2 == 0:
-        raise ValueError(f"disp_range must be a positive odd integer, got {disp_range!r}")
-    for name, value in (("bytes_per_value", bytes_per_value), ("grid_step", grid_step), ("disp_step", disp_step)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    disp_range = check_odd("disp_range", disp_range)
+    bytes_per_value = check_int("bytes_per_value", bytes_per_value, minimum=1)
+    grid_step = check_int("grid_step", grid_step, minimum=1)
+    disp_step = check_int("disp_step", disp_step, minimum=1)
     voxels = math.prod(shape)
     r = (disp_range - 1) // 2
     points = _sparse_counts(shape, grid_step)
@@ -894,16 +902,19 @@ def format_3d_table(result: dict, volume_shape: Sequence[int] = (256, 256, 256),
 
 
 def _3d_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grids", type=_parse_ints, default=[16, 24, 32],
+    parser.add_argument("--grids", type=_positive_ints, default=[16, 24, 32],
                         help="feature grids n (n^3 voxels), comma separated (default 16,24,32)")
-    parser.add_argument("--disp-ranges", type=_parse_ints, default=[3, 5, 7, 9],
-                        help="displacement ranges D, comma separated (default 3,5,7,9)")
-    parser.add_argument("--channels", type=int, default=24, help="feature channels C (default 24)")
-    parser.add_argument("--grid-step", type=int, default=2, help="sparse: control points every N voxels (default 2)")
-    parser.add_argument("--disp-step", type=int, default=2, help="sparse: displacements every N voxels (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up calls per measurement (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median (default 3)")
+    parser.add_argument("--disp-ranges", type=_odd_ints, default=[3, 5, 7, 9],
+                        help="displacement ranges D (odd), comma separated (default 3,5,7,9)")
+    parser.add_argument("--channels", type=_positive_int, default=24, help="feature channels C (default 24)")
+    parser.add_argument("--grid-step", type=_positive_int, default=2,
+                        help="sparse: control points every N voxels (default 2)")
+    parser.add_argument("--disp-step", type=_positive_int, default=2,
+                        help="sparse: displacements every N voxels (default 2)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="warm-up calls per measurement (default 1)")
+    parser.add_argument("--repeats", type=_positive_int, default=3,
+                        help="timed calls per measurement, median (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="do not measure the peak memory")
 
 

@@ -34,19 +34,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import argument_type, check_choice, check_int, check_number
 from .data import Dataset
 from .environment import choose_device
 from .models import DisplacementUNet
-from .registration import prealign_displacement
+from .registration import PREALIGN_MODES, _check_images, prealign_displacement
 from .train import (
+    TRAINING_PREALIGN,
     LossHistory,
+    _check_dataset,
+    _check_training,
     _cpu_settings,
     _prepare_training_data,
+    _training_ids,
     add_run_arguments,
     diffusion_penalty,
     evaluate_registration,
     load_state_dict,
+    non_negative_float,
     pipeline_defaults,
+    positive_float,
+    positive_int,
     save_features,
 )
 from .transform import compose_displacements, warp
@@ -223,24 +231,19 @@ def train_unet(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a tutorial_utils.data.Dataset, got {type(dataset).__name__}")
-    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
-        raise ValueError(f"seconds must be a positive number or None, got {seconds!r}")
+    _check_dataset(dataset)
+    if seconds is not None:
+        seconds = check_number("seconds", seconds, 0, strict_minimum=True)
     if num_pairs is None and seconds is None:
         num_pairs = DEFAULT_PAIRS
-    if num_pairs is not None and (isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1):
-        raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
-    ids = list(dataset.train_ids if train_ids is None else train_ids)
-    if len(ids) < 2:
-        raise ValueError(f"training needs at least 2 training slices, the dataset has {len(ids)}")
-    if isinstance(images_per_step, bool) or not isinstance(images_per_step, int) or images_per_step < 2:
-        raise ValueError(f"images_per_step must be an integer >= 2, got {images_per_step!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if not lr > 0 or not diffusion_weight >= 0:
-        raise ValueError(f"lr must be > 0 and diffusion_weight >= 0, got {lr}, {diffusion_weight}")
+    if num_pairs is not None:
+        num_pairs = check_int("num_pairs", num_pairs, minimum=1)
+    ids = _training_ids(dataset, train_ids)
+    seed, images_per_step, lr, diffusion_weight, threads = _check_training(
+        seed, images_per_step, lr, diffusion_weight, threads)
+    check_choice("loss", loss, LOSSES)
     prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
+    check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
     device = choose_device(str(device)) if device is not None else choose_device()
     n = min(images_per_step, len(ids))
     pairs_per_step = n * (n - 1)
@@ -346,13 +349,9 @@ def register_unet(model: nn.Module, image_fixed: torch.Tensor, image_moving: tor
         displacement [B, 2, H, W] (dy, dx) in image pixels: ``warp(image_moving, displacement)``
         is aligned with ``image_fixed``.
     """
-    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
-            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
-    if image_fixed.shape != image_moving.shape:
-        raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} "
-                         f"differ in shape")
+    _check_images(image_fixed, image_moving, multiple_of=1)  # [B, 1, H, W] each, same device, finite
     prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
+    check_choice("prealign", prealign, (*PREALIGN_MODES, None))
     parameter = next(iter(model.parameters()), None)
     if parameter is not None:
         image_fixed, image_moving = image_fixed.to(parameter.device), image_moving.to(parameter.device)
@@ -393,22 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "organ labels and save its state_dict; or measure its training speed against the "
                     "feature CNN's.")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--pairs", type=int, default=None, help=f"training pairs (default {DEFAULT_PAIRS})")
-    budget.add_argument("--seconds", type=float, default=None,
+    budget.add_argument("--pairs", type=positive_int, default=None, help=f"training pairs (default {DEFAULT_PAIRS})")
+    budget.add_argument("--seconds", type=positive_float, default=None,
                         help="train for this wall-clock time instead (not reproducible)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the state_dict (.pt)")
-    parser.add_argument("--measure-budget", type=int, default=None, metavar="CNN_PAIRS",
+    parser.add_argument("--measure-budget", type=positive_int, default=None, metavar="CNN_PAIRS",
                         help="measure the training speed of both networks back to back and print how many "
                              "U-Net pairs take as long as CNN_PAIRS pairs of the feature CNN; then exit")
-    parser.add_argument("--measure-pairs", type=int, default=240,
+    parser.add_argument("--measure-pairs", type=positive_int, default=240,
                         help="pairs per network and repeat for --measure-budget (default 240)")
-    parser.add_argument("--measure-repeats", type=int, default=2,
+    parser.add_argument("--measure-repeats", type=positive_int, default=2,
                         help="alternating runs of both networks for --measure-budget (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--diffusion-weight", type=float, default=DEFAULTS["diffusion_weight"],
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                        help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    parser.add_argument("--diffusion-weight", type=non_negative_float, default=DEFAULTS["diffusion_weight"],
                         help=f"weight of the diffusion penalty (default {DEFAULTS['diffusion_weight']})")
-    parser.add_argument("--images-per-step", type=int, default=DEFAULTS["images_per_step"],
+    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
+                        default=DEFAULTS["images_per_step"],
                         help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
     parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
     add_run_arguments(parser)
@@ -422,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.measure_budget is None and args.out is None:
         parser.error("--out is required (unless --measure-budget is given)")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out must be a file to write, but {args.out} is a folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # evaluation; training is told below
     dataset = load_dataset(source=args.source, seed=args.data_seed)

@@ -40,6 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .checks import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_odd,
+    check_same,
+    check_tensor,
+    describe,
+)
+
 __all__ = [
     "METRICS",
     "SparseCost",
@@ -57,55 +67,26 @@ METRICS = ("ssd", "dot")
 """Metrics of :func:`correlation`: sum of squared differences, negative dot product."""
 
 
-def _check_disp_range(disp_range) -> int:
-    if isinstance(disp_range, bool) or not isinstance(disp_range, int):
-        try:
-            import numpy as np
+def _check_inputs(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_range: int, ndim: int = 2) -> int:
+    """Check two feature maps [B, C, H, W] (``ndim=3``: volumes [B, C, d, h, w]) and ``disp_range``.
 
-            ok = isinstance(disp_range, np.integer)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"disp_range must be a positive odd int (D displacements per axis), "
-                f"got {disp_range!r} of type {type(disp_range).__name__}"
-            )
-    disp_range = int(disp_range)
-    if disp_range < 1 or disp_range % 2 == 0:
-        raise ValueError(
-            f"disp_range must be a positive odd int (D displacements per axis, offsets "
-            f"-r..r with r = (D-1)//2), got {disp_range}"
-        )
-    return disp_range
-
-
-def _check_inputs(feat_fixed, feat_moving, disp_range) -> int:
-    """Validate the inputs of both correlation functions; return ``disp_range`` as an int."""
-    for name, t in (("feat_fixed", feat_fixed), ("feat_moving", feat_moving)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dimensions [B, C, H, W], got {t.dim()} with shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
-    if feat_fixed.shape != feat_moving.shape:
-        raise ValueError(
-            f"feat_fixed and feat_moving must have the same shape [B, C, H, W], got "
-            f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}"
-        )
-    if feat_fixed.device != feat_moving.device:
-        raise ValueError(
-            f"feat_fixed and feat_moving must be on the same device, got {feat_fixed.device} "
-            f"and {feat_moving.device}"
-        )
+    Both floating point, finite, of one shape, device and dtype; returns ``disp_range`` as an int.
+    """
+    if ndim == 2:
+        layout = "[B, C, H, W] (4 dimensions)"
+    else:
+        layout = "[B, C, d, h, w] (5 dimensions; use correlation for 2D feature maps)"
+    for name, feat in (("feat_fixed", feat_fixed), ("feat_moving", feat_moving)):
+        check_tensor(name, feat, dims=ndim + 2, layout=layout, floating=True)
+        if feat.numel() == 0:
+            raise ValueError(f"{name} is empty: {describe(feat)}")
+    check_same("feat_fixed", feat_fixed, "feat_moving", feat_moving, shape=True, device=True)
     if feat_fixed.dtype != feat_moving.dtype:
-        raise ValueError(
-            f"feat_fixed and feat_moving must have the same dtype, got {feat_fixed.dtype} "
-            f"and {feat_moving.dtype}"
-        )
-    return _check_disp_range(disp_range)
+        raise ValueError(f"feat_fixed and feat_moving must have the same dtype, got {feat_fixed.dtype} "
+                         f"and {feat_moving.dtype}")
+    check_finite("feat_fixed", feat_fixed)  # after the device check: a NaN test cannot run on "meta"
+    check_finite("feat_moving", feat_moving)
+    return check_odd("disp_range", disp_range)
 
 
 def correlation_unfold(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_range: int) -> torch.Tensor:
@@ -307,8 +288,7 @@ def correlation(
         a cost near zero carries a rounding error of about ``1e-7 * (||f||^2 + ||m||^2)``.
     """
     D = _check_inputs(feat_fixed, feat_moving, disp_range)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_choice("metric", metric, METRICS)
     return _Correlation.apply(feat_fixed, feat_moving, D, metric)
 
 
@@ -318,8 +298,7 @@ def correlation(
 def _displacement_offsets(disp_range: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The offset of every cost-volume channel: [D*D, 2], row ``k = i*D + j`` is ``(i - r, j - r)``
     = (dy, dx) in pixels of the feature maps."""
-    D = _check_disp_range(disp_range)
-    r = (D - 1) // 2
+    r = (check_odd("disp_range", disp_range) - 1) // 2
     steps = torch.arange(-r, r + 1, device=device, dtype=dtype)
     dy, dx = torch.meshgrid(steps, steps, indexing="ij")  # [D, D] each
     return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=1)
@@ -336,10 +315,8 @@ def argmin_displacement(cost_volume: torch.Tensor, disp_range: int) -> torch.Ten
         displacement [B, 2, H, W] float (dy, dx) in pixels of the cost volume's grid: the
         offset of the cheapest channel at each pixel.
     """
-    D = _check_disp_range(disp_range)
-    if not isinstance(cost_volume, torch.Tensor) or cost_volume.dim() != 4 or cost_volume.shape[1] != D * D:
-        shape = tuple(cost_volume.shape) if isinstance(cost_volume, torch.Tensor) else type(cost_volume).__name__
-        raise ValueError(f"cost_volume must be [B, D*D={D * D}, H, W], got {shape}")
+    D = check_odd("disp_range", disp_range)
+    check_tensor("cost_volume", cost_volume, dims=4, layout=f"[B, D*D={D * D}, H, W]", channels=D * D, finite=True)
     dtype = cost_volume.dtype if cost_volume.is_floating_point() else torch.float32
     offsets = _displacement_offsets(D, device=cost_volume.device, dtype=dtype)  # [D*D, 2]
     best = cost_volume.argmin(dim=1)  # [B, H, W]
@@ -354,33 +331,6 @@ def argmin_displacement(cost_volume: torch.Tensor, disp_range: int) -> torch.Ten
 #
 # correlation3d needs no new kernel: the tiles of the 2D layer, built for every slice, and one
 # batched banded product per (dz, dy) whose diagonals hold the costs of the D offsets dx.
-
-
-def _check_inputs3d(feat_fixed, feat_moving, disp_range) -> int:
-    """Validate two feature volumes [B, C, d, h, w]; return ``disp_range`` as an int."""
-    for name, t in (("feat_fixed", feat_fixed), ("feat_moving", feat_moving)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor [B, C, d, h, w], got {type(t).__name__}")
-        if t.dim() != 5:
-            raise ValueError(
-                f"{name} must have 5 dimensions [B, C, d, h, w] (use correlation for 2D feature "
-                f"maps), got {t.dim()} with shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
-    if feat_fixed.shape != feat_moving.shape:
-        raise ValueError(
-            f"feat_fixed and feat_moving must have the same shape [B, C, d, h, w], got "
-            f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}"
-        )
-    if feat_fixed.device != feat_moving.device or feat_fixed.dtype != feat_moving.dtype:
-        raise ValueError(
-            f"feat_fixed and feat_moving must have the same device and dtype, got "
-            f"{feat_fixed.device}/{feat_fixed.dtype} and {feat_moving.device}/{feat_moving.dtype}"
-        )
-    return _check_disp_range(disp_range)
 
 
 def _diagonals3d(products: torch.Tensor, lay: _Layout, depth: int) -> torch.Tensor:
@@ -504,16 +454,14 @@ def correlation3d(
     features (the same holds for the backward pass), never a multiple of the cost volume. SSD is evaluated as
     ``||f||^2 + ||m||^2 - 2 f.m`` (float32 rounding as in 2D).
     """
-    D = _check_inputs3d(feat_fixed, feat_moving, disp_range)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    D = _check_inputs(feat_fixed, feat_moving, disp_range, ndim=3)
+    check_choice("metric", metric, METRICS)
     return _Correlation3d.apply(feat_fixed, feat_moving, D, metric)
 
 
 def _displacement_offsets3d(disp_range: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """[D**3, 3]: row ``k = (i*D + j)*D + l`` is ``(i - r, j - r, l - r)`` = (dz, dy, dx)."""
-    D = _check_disp_range(disp_range)
-    r = (D - 1) // 2
+    r = (check_odd("disp_range", disp_range) - 1) // 2
     steps = torch.arange(-r, r + 1, device=device, dtype=dtype)
     grids = torch.meshgrid(steps, steps, steps, indexing="ij")  # [D, D, D] each
     return torch.stack([g.reshape(-1) for g in grids], dim=1)
@@ -525,10 +473,8 @@ def argmin_displacement3d(cost_volume: torch.Tensor, disp_range: int) -> torch.T
     Returns:
         displacement [B, 3, d, h, w] float (dz, dy, dx) in voxels of the cost volume's grid.
     """
-    D = _check_disp_range(disp_range)
-    if not isinstance(cost_volume, torch.Tensor) or cost_volume.dim() != 5 or cost_volume.shape[1] != D**3:
-        shape = tuple(cost_volume.shape) if isinstance(cost_volume, torch.Tensor) else type(cost_volume).__name__
-        raise ValueError(f"cost_volume must be [B, D**3={D**3}, d, h, w], got {shape}")
+    D = check_odd("disp_range", disp_range)
+    check_tensor("cost_volume", cost_volume, dims=5, layout=f"[B, D**3={D**3}, d, h, w]", channels=D**3, finite=True)
     dtype = cost_volume.dtype if cost_volume.is_floating_point() else torch.float32
     offsets = _displacement_offsets3d(D, device=cost_volume.device, dtype=dtype)  # [D**3, 3]
     best = cost_volume.argmin(dim=1)  # [B, d, h, w]
@@ -571,8 +517,7 @@ def control_points3d(shape, grid_step: int, device=None) -> tuple[torch.Tensor, 
         ``(points [P, 3] int64 (z, y, x), grid_shape (gz, gy, gx))``; along each axis the
         points are ``first + grid_step * n`` with ``first = ((size - 1) % grid_step) // 2``.
     """
-    if isinstance(grid_step, bool) or not isinstance(grid_step, int) or grid_step < 1:
-        raise ValueError(f"grid_step must be a positive integer, got {grid_step!r}")
+    grid_step = check_int("grid_step", grid_step, minimum=1)
     axes, counts = [], []
     for n in shape:
         first, count = _grid_axis(int(n), grid_step)
@@ -589,10 +534,8 @@ def displacement_cube(disp_range: int, disp_step: int = 1, device=None) -> torch
     with ``Ds = 2 * (r // s) + 1``, in the order of the dense layer (dz slowest, dx fastest).
     ``disp_step=1`` gives all D**3 offsets of :func:`correlation3d`.
     """
-    D = _check_disp_range(disp_range)
-    if isinstance(disp_step, bool) or not isinstance(disp_step, int) or disp_step < 1:
-        raise ValueError(f"disp_step must be a positive integer, got {disp_step!r}")
-    r = (D - 1) // 2
+    r = (check_odd("disp_range", disp_range) - 1) // 2
+    disp_step = check_int("disp_step", disp_step, minimum=1)
     half = r // disp_step
     steps = torch.arange(-half, half + 1, device=device) * disp_step
     grids = torch.meshgrid(steps, steps, steps, indexing="ij")
@@ -636,19 +579,17 @@ def sparse_correlation3d(
         is that of the output plus the padded moving features. One pass of a few element-wise
         operations per displacement: the time is proportional to ``K * P * C``.
     """
-    D = _check_inputs3d(feat_fixed, feat_moving, disp_range)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if border not in ("zeros", "replicate"):
-        raise ValueError(f"border must be 'zeros' or 'replicate', got {border!r}")
+    D = _check_inputs(feat_fixed, feat_moving, disp_range, ndim=3)
+    check_choice("metric", metric, METRICS)
+    check_choice("border", border, ("zeros", "replicate"))
     r = (D - 1) // 2
     device = feat_fixed.device
     if offsets is None:
         offsets = displacement_cube(D, disp_step, device=device)
     else:
-        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 2 or offsets.shape[1] != 3 or offsets.shape[0] < 1:
-            raise ValueError(f"offsets must be an integer tensor [K, 3] (dz, dy, dx), got "
-                             f"{getattr(offsets, 'shape', type(offsets).__name__)}")
+        check_tensor("offsets", offsets, dims=2, layout="[K, 3] (dz, dy, dx)", finite=True)
+        if offsets.shape[1] != 3 or offsets.shape[0] < 1:
+            raise ValueError(f"offsets must be an integer tensor [K, 3] (dz, dy, dx), got {describe(offsets)}")
         if offsets.is_floating_point() and not torch.equal(offsets, offsets.round()):
             raise ValueError("offsets must be whole voxels of the feature grid")
         offsets = offsets.round().long().to(device)

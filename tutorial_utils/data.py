@@ -19,13 +19,14 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checks import check_finite, check_int, describe
 from .phantom import LABEL_NAMES, PHANTOM_VERSION, make_phantom
 
 TCIA_URL = "https://cloud.imi.uni-luebeck.de/s/WnPcByW4zrDcrRA/download"
@@ -123,7 +124,9 @@ class Dataset:
             labels: integer [N, H, W], values in 0..len(label_names)-1.
             label_names: one name per label value, background first.
             train_ids, test_ids: disjoint slice indices.
-        H and W must be divisible by 4 (the feature CNN works at 1/4 resolution).
+        H and W must be divisible by 4 (the feature CNN works at 1/4 resolution). The images
+        must be finite (no NaN or inf), every label value needs a name, and each slice index
+        an integer in 0..N-1, used once.
         """
         images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
         labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
@@ -131,9 +134,15 @@ class Dataset:
             images = images[:, 0]
         if images.dim() != 3:
             raise ValueError(f"images must be [N, H, W] (or [N, 1, H, W]), got shape {tuple(images.shape)}")
+        if labels.dim() >= 1 and labels.shape[0] != images.shape[0]:
+            raise ValueError(f"there are {images.shape[0]} images but {labels.shape[0]} label maps: labels must "
+                             f"be [N, H, W] to match the images, got {tuple(labels.shape)}")
+        label_names = _label_names(label_names)
+        train_ids, test_ids = _slice_ids("train_ids", train_ids), _slice_ids("test_ids", test_ids)
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         elif images.is_floating_point():
+            check_finite("images", images)
             lo, hi = float(images.min()), float(images.max())
             if lo < 0.0 or hi > 1.0:
                 raise ValueError(
@@ -148,11 +157,31 @@ class Dataset:
         return cls(
             images=images.unsqueeze(1).contiguous(),
             labels=labels.long().contiguous(),
-            label_names=tuple(str(n) for n in label_names),
-            train_ids=tuple(int(i) for i in train_ids),
-            test_ids=tuple(int(i) for i in test_ids),
+            label_names=label_names,
+            train_ids=train_ids,
+            test_ids=test_ids,
             source=source,
         )
+
+
+def _label_names(names: object) -> tuple[str, ...]:
+    """``names`` as a tuple of strings; a single string is refused (it would be split into characters)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(f"label_names must be a list of names, one per label value (background first), "
+                        f"e.g. ['background', 'liver'], not one string (it would be split into its "
+                        f"characters); got {describe(names)}")
+    return tuple(str(n) for n in names)
+
+
+def _slice_ids(name: str, ids: object) -> tuple[int, ...]:
+    """``ids`` (a list, range, numpy array or tensor of integers) as a tuple of Python ints.
+
+    Floats (1.7 would silently become 1), bools and strings are refused, as in ``check_int``."""
+    if isinstance(ids, (np.ndarray, torch.Tensor)):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a list of slice indices (integers), got {describe(ids)}")
+    return tuple(check_int(f"{name}[{k}]", i) for k, i in enumerate(ids))
 
 
 def _validate_dataset(ds: Dataset) -> None:
@@ -161,6 +190,7 @@ def _validate_dataset(ds: Dataset) -> None:
     n, _, h, w = ds.images.shape
     if ds.images.dtype != torch.float32:
         raise ValueError(f"images must be float32, got {ds.images.dtype}")
+    check_finite("images", ds.images)
     if not (torch.is_tensor(ds.labels) and ds.labels.shape == (n, h, w)):
         raise ValueError(
             f"labels must be [N, H, W] = [{n}, {h}, {w}] to match the images, got {tuple(getattr(ds.labels, 'shape', ()))}"
@@ -169,17 +199,26 @@ def _validate_dataset(ds: Dataset) -> None:
         raise ValueError(f"labels must be int64, got {ds.labels.dtype}")
     if h % 4 or w % 4:
         raise ValueError(f"H and W must be divisible by 4 (features are at 1/4 resolution), got {h} x {w}")
+    if not isinstance(ds.label_names, tuple) or not all(isinstance(n, str) for n in ds.label_names):
+        raise TypeError(f"label_names must be a tuple of strings, got {describe(ds.label_names)}")
     if len(ds.label_names) < 2:
         raise ValueError("label_names needs the background and at least one foreground label")
     if n and (int(ds.labels.min()) < 0 or int(ds.labels.max()) >= len(ds.label_names)):
         raise ValueError(
-            f"label values must lie in 0..{len(ds.label_names) - 1} (one name per value), "
-            f"got {int(ds.labels.min())}..{int(ds.labels.max())}"
+            f"label values must lie in 0..{len(ds.label_names) - 1} (one name per value: label_names has "
+            f"{len(ds.label_names)}), got {int(ds.labels.min())}..{int(ds.labels.max())}"
         )
     for name, ids in (("train_ids", ds.train_ids), ("test_ids", ds.test_ids)):
+        if not isinstance(ids, tuple):
+            raise TypeError(f"{name} must be a tuple of slice indices, got {describe(ids)}")
+        for k, i in enumerate(ids):
+            check_int(f"{name}[{k}]", i)
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
             raise ValueError(f"{name} must be slice indices in 0..{n - 1}, got {bad}")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"{name} must name each slice once, got {repeated} more than once")
     overlap = sorted(set(ds.train_ids) & set(ds.test_ids))
     if overlap:
         raise ValueError(f"train_ids and test_ids must be disjoint; both contain {overlap}")

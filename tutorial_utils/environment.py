@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import random
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -35,6 +37,27 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def assert_close(measured: Mapping[str, float] | float, expected: Mapping[str, float] | float,
+                 tol: float, what: str = "value") -> None:
+    """Assert that measured numbers equal the stored ones within an absolute tolerance ``tol``.
+
+    Notebooks check their numbers with it instead of comparing printed digits: another CPU
+    (AVX-512, AVX2 or plain kernels), another thread count or another torch release changes
+    floats in the last bits, and long computations (training, mean field) amplify that. A
+    real regression moves a number by more than ``tol``; float noise does not.
+    ``measured`` and ``expected``: two numbers, or two dicts with the same keys.
+    """
+    if not isinstance(measured, Mapping):
+        measured, expected = {what: measured}, {what: expected}
+    if set(measured) != set(expected):
+        raise AssertionError(f"{what}: measured {sorted(measured)} but expected {sorted(expected)}")
+    off = {k: (float(measured[k]), float(expected[k])) for k in expected
+           if not math.isfinite(float(measured[k])) or abs(float(measured[k]) - float(expected[k])) > tol}
+    if off:
+        lines = ", ".join(f"{k}: {m:.4f} (expected {e:.4f})" for k, (m, e) in off.items())
+        raise AssertionError(f"{what} differs from the stored result by more than {tol}: {lines}")
 
 
 def where_am_i() -> str:

@@ -20,9 +20,12 @@ here takes the 4-neighbourhood (at ``dilation`` pixels) and its 4 pairs at dista
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .checks import check_image, check_int, check_number, check_volume
 
 __all__ = [
     "intensity_features",
@@ -36,20 +39,29 @@ __all__ = [
 ]
 
 
-def _check_image(image: torch.Tensor, stride: int = 1) -> None:
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
-        raise ValueError(f"expected images [B, 1, H, W], got {getattr(image, 'shape', image)}")
-    if not image.is_floating_point():
-        raise ValueError(f"expected floating point images in [0, 1], got {image.dtype}")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if image.shape[-2] % stride or image.shape[-1] % stride:
-        raise ValueError(f"H and W must be divisible by stride={stride}, got {tuple(image.shape[-2:])}")
+def _check_stride(name: str, tensor: torch.Tensor, stride: object) -> int:
+    """``stride`` as an int >= 1 that divides every spatial size of ``tensor`` [B, 1, *spatial]."""
+    stride = check_int("stride", stride, minimum=1)
+    size = tuple(tensor.shape[2:])
+    if any(n % stride for n in size):
+        axes = "H and W" if len(size) == 2 else "Z, Y and X"
+        raise ValueError(f"{name}: {axes} must be divisible by stride={stride}, got {size}; crop or pad it")
+    return stride
+
+
+def _check_dilations(dilation: int | Sequence[int]) -> tuple[int, ...]:
+    """One dilation or a sequence of them, as a non-empty tuple of ints >= 1."""
+    single = isinstance(dilation, (str, bytes)) or not isinstance(dilation, Iterable)
+    dilations = (dilation,) if single else tuple(dilation)
+    if not dilations:
+        raise ValueError("dilation must name at least one distance")
+    return tuple(check_int("dilation", d, minimum=1) for d in dilations)
 
 
 def intensity_features(image: torch.Tensor, stride: int = 4) -> torch.Tensor:
     """Raw intensities, average-pooled to 1/stride resolution: [B, 1, H, W] -> [B, 1, H/s, W/s]."""
-    _check_image(image, stride)
+    check_image("image", image)
+    stride = _check_stride("image", image, stride)
     return F.avg_pool2d(image, stride) if stride > 1 else image
 
 
@@ -58,9 +70,7 @@ def ssc_pairs(dilation: int = 2) -> list[tuple[tuple[int, int], tuple[int, int]]
 
     Four pairs: (up, left), (up, right), (left, down), (right, down) for ``dilation`` 1.
     """
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
-    d = dilation
+    d = check_int("dilation", dilation, minimum=1)
     neighbours = [(-d, 0), (0, -d), (0, d), (d, 0)]
     return [(a, b) for a, b in itertools.combinations(neighbours, 2)
             if (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 == 2 * d * d]
@@ -81,19 +91,18 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int | tuple[int, ..
         radius: patch radius; patches are (2*radius+1)^2 (box filter).
         dilation: distance of the 4 neighbours from the centre, in pixels; a tuple stacks
             the descriptors of several dilations (4 channels each).
-        eps: absolute floor of the variance estimate (only matters for constant images);
-            the variance is also clamped to [1e-3, 1e3] x its image mean, as in the original.
+        eps: > 0, absolute floor of the variance estimate (only matters for constant images,
+            whose descriptor is then 1 everywhere); the variance is also clamped to
+            [1e-3, 1e3] x its image mean, as in the original.
 
     Returns:
         [B, 4 * len(dilations), H, W] in (0, 1]; invariant to ``image -> a * image + b``
         (a != 0) up to floating point error.
     """
-    _check_image(image)
-    if not isinstance(radius, int) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
-    dilations = (dilation,) if isinstance(dilation, int) else tuple(dilation)
-    if not dilations:
-        raise ValueError("dilation must name at least one distance")
+    check_image("image", image)
+    radius = check_int("radius", radius, minimum=0)
+    dilations = _check_dilations(dilation)
+    check_number("eps", eps, minimum=0, strict_minimum=True)  # keeps the division below finite
     out = []
     for d in dilations:
         pairs = ssc_pairs(d)
@@ -130,8 +139,10 @@ def mind_features(
     16 channels) were chosen on training pairs in notebook 03; ``downsample=1`` with a
     single small dilation is the classic full-resolution descriptor.
     """
-    _check_image(image, stride)
-    if not isinstance(downsample, int) or downsample < 1 or stride % downsample:
+    check_image("image", image)
+    stride = _check_stride("image", image, stride)
+    downsample = check_int("downsample", downsample, minimum=1)
+    if stride % downsample:
         raise ValueError(f"downsample must be a positive integer that divides stride={stride}, got {downsample!r}")
     small = F.avg_pool2d(image, downsample) if downsample > 1 else image
     mind = mind_ssc(small, radius=radius, dilation=dilation)
@@ -142,20 +153,10 @@ def mind_features(
 # --------------------------------------------------------------------------- 3D (notebook 05)
 
 
-def _check_volume(volume: torch.Tensor, stride: int = 1) -> None:
-    if not isinstance(volume, torch.Tensor) or volume.dim() != 5 or volume.shape[1] != 1:
-        raise ValueError(f"expected volumes [B, 1, Z, Y, X], got {getattr(volume, 'shape', volume)}")
-    if not volume.is_floating_point():
-        raise ValueError(f"expected floating point volumes in [0, 1], got {volume.dtype}")
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if any(n % stride for n in volume.shape[-3:]):
-        raise ValueError(f"Z, Y and X must be divisible by stride={stride}, got {tuple(volume.shape[-3:])}")
-
-
 def intensity_features3d(volume: torch.Tensor, stride: int = 2) -> torch.Tensor:
     """Raw intensities, average-pooled: [B, 1, Z, Y, X] -> [B, 1, Z/s, Y/s, X/s]."""
-    _check_volume(volume, stride)
+    check_volume("volume", volume)
+    stride = _check_stride("volume", volume, stride)
     return F.avg_pool3d(volume, stride) if stride > 1 else volume
 
 
@@ -165,9 +166,7 @@ def ssc_pairs3d(dilation: int = 1) -> list[tuple[tuple[int, int, int], tuple[int
     The edges of the octahedron spanned by the 6 neighbours (Heinrich et al. 2013): every
     neighbour paired with the 4 neighbours on the other two axes, each pair once.
     """
-    if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
-        raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
-    d = dilation
+    d = check_int("dilation", dilation, minimum=1)
     neighbours = [(-d, 0, 0), (0, -d, 0), (0, 0, -d), (0, 0, d), (0, d, 0), (d, 0, 0)]
     return [(a, b) for a, b in itertools.combinations(neighbours, 2)
             if sum((p - q) ** 2 for p, q in zip(a, b)) == 2 * d * d]
@@ -183,17 +182,15 @@ def mind_ssc3d(volume: torch.Tensor, radius: int = 1, dilation: int | tuple[int,
 
     Args:
         volume: [B, 1, Z, Y, X] float. radius: >= 0. dilation: neighbour distance in voxels,
-            or a tuple of them (12 channels each).
+            or a tuple of them (12 channels each). eps: > 0, as in :func:`mind_ssc`.
 
     Returns:
-        [B, 12 * len(dilations), Z, Y, X] in (0, 1].
+        [B, 12 * len(dilations), Z, Y, X] in (0, 1] (1 everywhere for a constant volume).
     """
-    _check_volume(volume)
-    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
-    dilations = (dilation,) if isinstance(dilation, int) else tuple(dilation)
-    if not dilations:
-        raise ValueError("dilation must name at least one distance")
+    check_volume("volume", volume)
+    radius = check_int("radius", radius, minimum=0)
+    dilations = _check_dilations(dilation)
+    check_number("eps", eps, minimum=0, strict_minimum=True)  # keeps the division below finite
     Z, Y, X = volume.shape[-3:]
     out = []
     for d in dilations:
@@ -219,6 +216,7 @@ def mind_features3d(volume: torch.Tensor, stride: int = 2, radius: int = 1,
                     dilation: int | tuple[int, ...] = (1, 2)) -> torch.Tensor:
     """MIND-SSC of the full-resolution volume, average-pooled to 1/stride:
     [B, 1, Z, Y, X] -> [B, 12 * len(dilation), Z/s, Y/s, X/s]."""
-    _check_volume(volume, stride)
+    check_volume("volume", volume)
+    stride = _check_stride("volume", volume, stride)
     mind = mind_ssc3d(volume, radius=radius, dilation=dilation)
     return F.avg_pool3d(mind, stride) if stride > 1 else mind

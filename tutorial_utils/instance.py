@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_displacement, check_finite, check_int, check_number, check_same
 from .registration import FEATURE_STRIDE, Features, _check_images, extract_features
 from .transform import warp
 
@@ -110,9 +111,10 @@ def instance_optimise(
     0.64% to 0.23% for 0.002 Dice.
 
     Args:
-        image_fixed, image_moving: [B, 1, H, W] float in [0, 1]; H, W divisible by 4 and by
-            ``grid_stride``.
-        displacement: [B, 2, H, W], the start (e.g. from ``register_images``), image pixels.
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1], finite; H, W divisible by 4
+            and by ``grid_stride``.
+        displacement: [B, 2, H, W], the start (e.g. from ``register_images``), image pixels,
+            finite, on the images' device.
         features: see :func:`~tutorial_utils.registration.extract_features`.
         iterations: Adam steps (0 returns the start, pooled, smoothed and upsampled).
         lr: Adam's learning rate, image pixels per step.
@@ -126,21 +128,21 @@ def instance_optimise(
         the refined displacement [B, 2, H, W] (detached, dtype of the images), or
         ``(displacement, history)``.
     """
-    _check_images(image_fixed, image_moving)
+    _check_images(image_fixed, image_moving)  # [B, 1, H, W] each, finite, H and W divisible by 4
     B, _, H, W = image_fixed.shape
-    if not isinstance(displacement, torch.Tensor) or tuple(displacement.shape) != (B, 2, H, W):
+    check_displacement("displacement", displacement, finite=False)
+    check_same("image_fixed", image_fixed, "displacement", displacement, device=True)
+    if tuple(displacement.shape) != (B, 2, H, W):
         raise ValueError(f"displacement must be [B, 2, H, W] = [{B}, 2, {H}, {W}] like the images, "
-                         f"got {getattr(displacement, 'shape', type(displacement).__name__)}")
-    if isinstance(grid_stride, bool) or not isinstance(grid_stride, int) or grid_stride < 1:
-        raise ValueError(f"grid_stride must be a positive integer, got {grid_stride!r}")
-    if H % grid_stride or W % grid_stride or H % FEATURE_STRIDE or W % FEATURE_STRIDE:
-        raise ValueError(f"H and W must be divisible by {FEATURE_STRIDE} and by grid_stride={grid_stride}, "
-                         f"got {(H, W)}")
-    for name, value in (("iterations", iterations), ("smooth", smooth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if not lr > 0 or not diffusion_weight >= 0:
-        raise ValueError(f"lr must be > 0 and diffusion_weight >= 0, got {lr}, {diffusion_weight}")
+                         f"got {list(displacement.shape)}")
+    check_finite("displacement", displacement)
+    grid_stride = check_int("grid_stride", grid_stride, minimum=1)
+    if H % grid_stride or W % grid_stride:
+        raise ValueError(f"H and W must be divisible by grid_stride={grid_stride}, got {(H, W)}")
+    iterations = check_int("iterations", iterations, minimum=0)
+    smooth = check_int("smooth", smooth, minimum=0)
+    lr = check_number("lr", lr, 0, strict_minimum=True)
+    diffusion_weight = check_number("diffusion_weight", diffusion_weight, 0)
 
     dtype = image_fixed.dtype
     with torch.no_grad(), _EvalMode(features):

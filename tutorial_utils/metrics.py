@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_displacement, check_int, check_labels, check_number, check_same
+
 
 def dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -> torch.Tensor:
     """Dice overlap per label value.
@@ -16,21 +18,9 @@ def dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -> tor
         float64 tensor [num_labels]: ``2|A∩B| / (|A|+|B|)`` for each label value;
         NaN where the label is in neither map. Index 0 is the background.
     """
-    if labels_a.shape != labels_b.shape:
-        raise ValueError(
-            f"label maps must have the same shape, got {tuple(labels_a.shape)} and {tuple(labels_b.shape)}"
-        )
-    if labels_a.is_floating_point() or labels_b.is_floating_point():
-        raise ValueError("dice expects integer label maps, got floating point tensors")
-    if num_labels < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    _check_label_pair(labels_a, labels_b, num_labels, dims=range(9), layout="an integer label map (any shape)")
     a = labels_a.reshape(-1).long()
     b = labels_b.reshape(-1).long()
-    for name, lab in (("labels_a", a), ("labels_b", b)):
-        if lab.numel() and (lab.min() < 0 or lab.max() >= num_labels):
-            raise ValueError(
-                f"{name} holds values outside 0..{num_labels - 1} (min {int(lab.min())}, max {int(lab.max())})"
-            )
     count_a = torch.bincount(a, minlength=num_labels).double()
     count_b = torch.bincount(b, minlength=num_labels).double()
     overlap = torch.bincount(a[a == b], minlength=num_labels).double()
@@ -42,6 +32,18 @@ def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -
     """Mean Dice over the foreground labels present in either map (background excluded)."""
     per_label = dice(labels_a, labels_b, num_labels)[1:]
     return float(torch.nanmean(per_label)) if torch.isfinite(per_label).any() else float("nan")
+
+
+def _check_label_pair(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int, dims: range | tuple[int, ...],
+                      layout: str) -> None:
+    """Two integer label maps of one shape and device, values in 0..num_labels-1."""
+    num_labels = check_int("num_labels", num_labels, minimum=1)
+    pair = (("labels_a", labels_a), ("labels_b", labels_b))
+    for name, labels in pair:
+        check_labels(name, labels, dims=dims, layout=layout)
+    check_same("labels_a", labels_a, "labels_b", labels_b, shape=True, device=True)
+    for name, labels in pair:  # the values last: reading them needs a real device ("meta" has none)
+        check_labels(name, labels, dims=dims, layout=layout, num_labels=num_labels)
 
 
 def _centroids(labels: torch.Tensor, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,16 +74,7 @@ def centroid_distance(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels
         (``torch.nanmean(d[..., 1:], -1)``) measures how far apart two slices are before
         registration.
     """
-    for name, labels in (("labels_a", labels_a), ("labels_b", labels_b)):
-        if not isinstance(labels, torch.Tensor) or labels.dim() not in (2, 3) or labels.is_floating_point():
-            raise ValueError(f"{name} must be an integer label map [H, W] or [B, H, W], "
-                             f"got {getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-            raise ValueError(f"{name} holds values outside 0..{num_labels - 1}")
-    if labels_a.shape != labels_b.shape:
-        raise ValueError(f"label maps must have the same shape, got {tuple(labels_a.shape)} and {tuple(labels_b.shape)}")
-    if num_labels < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    _check_label_pair(labels_a, labels_b, num_labels, dims=(2, 3), layout="an integer label map [H, W] or [B, H, W]")
     single = labels_a.dim() == 2
     a = labels_a[None] if single else labels_a
     b = labels_b[None] if single else labels_b
@@ -92,14 +85,13 @@ def centroid_distance(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels
     return distance[0] if single else distance
 
 
-def _check_field(displacement: torch.Tensor) -> None:
-    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 4 or displacement.shape[1] != 2:
-        shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
-        raise ValueError(f"displacement must be [B, 2, H, W] with channels (dy, dx), got {shape}")
-    if not displacement.is_floating_point():
-        raise ValueError(f"displacement must be floating point, got {displacement.dtype}")
-    if displacement.shape[-2] < 2 or displacement.shape[-1] < 2:
-        raise ValueError(f"displacement needs at least 2 x 2 pixels, got {tuple(displacement.shape[-2:])}")
+def _check_field(displacement: torch.Tensor, ndim: int = 2) -> None:
+    """A finite displacement [B, 2, H, W] (``ndim=3``: [B, 3, Z, Y, X]) of at least 2 pixels per axis."""
+    check_displacement("displacement", displacement, ndim=ndim)
+    if min(displacement.shape[2:]) < 2:
+        unit = "pixels" if ndim == 2 else "voxels"
+        raise ValueError(f"displacement needs at least 2 {unit} along each axis (for the differences), "
+                         f"got {tuple(displacement.shape[2:])}")
 
 
 def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
@@ -135,11 +127,7 @@ def jacobian_determinant3d(displacement: torch.Tensor) -> torch.Tensor:
         [B, Z, Y, X]: ``det(I + grad u)`` with the same differences as
         :func:`jacobian_determinant` (exact for affine maps); <= 0 = folding.
     """
-    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 5 or displacement.shape[1] != 3:
-        raise ValueError(f"displacement must be [B, 3, Z, Y, X] (dz, dy, dx), "
-                         f"got {tuple(getattr(displacement, 'shape', ()))}")
-    if min(displacement.shape[2:]) < 2:
-        raise ValueError(f"the field needs at least 2 voxels along each axis, got {tuple(displacement.shape[2:])}")
+    _check_field(displacement, ndim=3)
     rows = [torch.stack(torch.gradient(displacement[:, c], dim=(1, 2, 3)), dim=-1)  # [B, Z, Y, X, 3]
             for c in range(3)]
     jacobian = torch.stack(rows, dim=-2) + torch.eye(3, dtype=displacement.dtype, device=displacement.device)
@@ -158,7 +146,6 @@ def log_jacobian_std(displacement: torch.Tensor, eps: float = 1e-3) -> torch.Ten
     below ``eps`` (folding) are clamped to ``eps`` so that one folded pixel does not give
     an infinite value.
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_number("eps", eps, minimum=0, strict_minimum=True)
     log_det = jacobian_determinant(displacement).clamp_min(eps).log().flatten(1)
     return log_det.double().std(dim=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_finite, check_image, check_int, check_same, check_tensor
+
 
 class FeatureCNN(nn.Sequential):
     """Maps an image [B, 1, H, W] to features [B, 24, H/4, W/4] in (0, 1).
@@ -18,6 +20,9 @@ class FeatureCNN(nn.Sequential):
     stride = 4
 
     def __init__(self, in_channels: int = 1, hidden: int = 32, out_channels: int = 24) -> None:
+        in_channels = check_int("in_channels", in_channels, minimum=1)
+        hidden = check_int("hidden", hidden, minimum=1)
+        out_channels = check_int("out_channels", out_channels, minimum=1)
         super().__init__(
             nn.Conv2d(in_channels, hidden, 5, stride=2, padding=4, dilation=2),
             nn.BatchNorm2d(hidden),
@@ -34,10 +39,9 @@ class FeatureCNN(nn.Sequential):
         self.out_channels = out_channels
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # [B,1,H,W] -> [B,24,H/4,W/4]
-        if image.dim() != 4 or image.shape[1] != self[0].in_channels:
-            raise ValueError(
-                f"FeatureCNN expects images [B, {self[0].in_channels}, H, W], got {tuple(image.shape)}"
-            )
+        channels = self[0].in_channels
+        check_tensor("image", image, dims=4, layout=f"FeatureCNN's input [B, {channels}, H, W]", channels=channels,
+                     floating=True, device=self[0].weight.device, finite=True)
         if image.shape[-2] % 4 or image.shape[-1] % 4:
             raise ValueError(f"H and W must be divisible by 4, got {tuple(image.shape[-2:])}")
         return super().forward(image)
@@ -125,8 +129,7 @@ class DisplacementUNet(nn.Module):
         channels = tuple(int(c) for c in channels)
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must be a non-empty tuple of positive integers, got {channels!r}")
-        if not isinstance(flow_level, int) or not 1 <= flow_level <= len(channels):
-            raise ValueError(f"flow_level must be an integer in 1..{len(channels)}, got {flow_level!r}")
+        flow_level = check_int("flow_level", flow_level, minimum=1, maximum=len(channels))
         self.channels, self.flow_level = channels, flow_level
         self.total_stride = 2 ** len(channels)
 
@@ -152,11 +155,11 @@ class DisplacementUNet(nn.Module):
     def forward(self, image_fixed: torch.Tensor, image_moving: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] x 2 -> displacement [B, 2, H, W] (dy, dx) in image pixels."""
         for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
-            if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
-                raise ValueError(f"DisplacementUNet expects {name} [B, 1, H, W], got {getattr(image, 'shape', image)}")
-        if image_fixed.shape != image_moving.shape:
-            raise ValueError(f"image_fixed {tuple(image_fixed.shape)} and image_moving "
-                             f"{tuple(image_moving.shape)} must have the same shape")
+            check_image(name, image, finite=False)
+        check_same("image_fixed", image_fixed, "image_moving", image_moving, shape=True, device=True)
+        check_tensor("image_fixed", image_fixed, device=self.flow.weight.device)  # where the model is
+        check_finite("image_fixed", image_fixed)  # after the device checks: a NaN test cannot run on "meta"
+        check_finite("image_moving", image_moving)
         H, W = image_fixed.shape[-2:]
         if H % self.total_stride or W % self.total_stride:
             raise ValueError(f"H and W must be divisible by the U-Net's total stride {self.total_stride} "

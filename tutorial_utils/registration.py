@@ -16,6 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import correlation as _correlation_module
+from .checks import (
+    check_choice,
+    check_finite,
+    check_image,
+    check_int,
+    check_number,
+    check_odd,
+    check_same,
+    check_tensor,
+    check_volume,
+)
 from .features import intensity_features, intensity_features3d, mind_features, mind_features3d
 from .regularisation import (
     mean_field3d,
@@ -75,16 +86,43 @@ PREALIGN_MODES = ("none", "com", "moments", "affine")
 """
 
 DEFAULTS_2019: dict = {
-    "min_kernel": 3, "avg_kernel": 5, "meanfield_kernel": 5, "meanfield_iterations": 1,
-    "meanfield_passes": 3, "alpha": 10.0, "prealign": "none", "refine_range": None,
+    "min_kernel": 3, "avg_kernel": 5, "min_order": "last", "meanfield_kernel": 5, "meanfield_iterations": 1,
+    "meanfield_passes": 3, "alpha": 10.0, "normalise": False, "border": "zeros", "upsample_mode": "bicubic",
+    "prealign": "none", "refine_range": None,
 }
-"""The regularisation of the 2019 tutorial, for :func:`register_images` (``**DEFAULTS_2019``)."""
+"""The complete pipeline of the 2019 tutorial: ``register_images(fixed, moving, features, **DEFAULTS_2019)``.
+
+Every keyword of :func:`register_images` that shapes the result, as the 2019 slides' code
+and kernel had it (``disp_range`` is not listed: the default D = 9 is the 2019 value):
+
+* ``border="zeros"``: the correlation layer ``F.unfold(feat_moving, (D, D), padding=r)``
+  pads the moving features with zeros (no replication padding before it);
+* ``normalise=False``: the raw SSD summed over the feature channels (not divided by its mean);
+* ``min_kernel=3``, ``avg_kernel=5``, ``min_order="last"``: the slides' ``minconv =
+  Sequential(ReplicationPad2d(5), AvgPool2d(5), AvgPool2d(5), MaxPool2d(3))`` applied as
+  ``-minconv(-cost)`` over each pixel's D x D displacements: replication padding 5, two 5 x 5
+  average poolings, then a 3 x 3 min-pooling (the slides' order; this project's order is
+  min-pooling first);
+* ``meanfield_kernel=5``, ``meanfield_passes=3``, ``meanfield_iterations=1``: the slides'
+  ``meanfield = Sequential(ReplicationPad2d(6), AvgPool2d(5), AvgPool2d(5), AvgPool2d(5))``
+  over the spatial dimensions, applied once after the min-convolution;
+* ``alpha=10.0``: probabilities ``softmax(-10 * cost)`` over the D*D displacements, whose
+  expectation is the displacement at 1/4 resolution;
+* ``upsample_mode="bicubic"``: that field upsampled x4 bicubically (``align_corners=False``,
+  PyTorch's default) and multiplied by 4;
+* ``prealign="none"``, ``refine_range=None``: no pre-alignment and no second stage.
+
+The cost volume comes from the fast :func:`~tutorial_utils.correlation.correlation`, which
+has the values of the slides' unfold layer (up to float rounding).
+"""
 
 DEFAULTS: dict = {
-    "min_kernel": 3, "avg_kernel": 3, "meanfield_kernel": 5, "meanfield_iterations": 2,
-    "meanfield_passes": 3, "alpha": 100.0, "prealign": "affine", "refine_range": 5,
+    "min_kernel": 3, "avg_kernel": 3, "min_order": "first", "meanfield_kernel": 5, "meanfield_iterations": 2,
+    "meanfield_passes": 3, "alpha": 100.0, "normalise": True, "border": "replicate", "upsample_mode": "bilinear",
+    "prealign": "affine", "refine_range": 5,
 }
-"""The defaults of :func:`register_images`, chosen on training pairs in notebook 03."""
+"""The defaults of :func:`register_images`, chosen on training pairs in notebook 03 (the same
+keys as :data:`DEFAULTS_2019`)."""
 
 Features = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -116,19 +154,35 @@ class RegistrationDetails:
     extra: dict = field(default_factory=dict)
 
 
-def _check_images(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> None:
-    for name, image in (("image_fixed", image_fixed), ("image_moving", image_moving)):
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 1:
-            raise ValueError(f"{name} must be [B, 1, H, W], got {getattr(image, 'shape', image)}")
-        if not image.is_floating_point():
-            raise ValueError(f"{name} must be floating point in [0, 1], got {image.dtype}")
-    if image_fixed.shape != image_moving.shape:
-        raise ValueError(
-            f"image_fixed {tuple(image_fixed.shape)} and image_moving {tuple(image_moving.shape)} differ in shape"
-        )
-    H, W = image_fixed.shape[-2:]
-    if H % FEATURE_STRIDE or W % FEATURE_STRIDE:
-        raise ValueError(f"H and W must be divisible by {FEATURE_STRIDE}, got {(H, W)}")
+def _check_pair(check: Callable, fixed: tuple[str, object], moving: tuple[str, object], multiple_of: int) -> None:
+    """Check a fixed and a moving image (``check_image``) or volume (``check_volume``), given as (name, tensor).
+
+    Both floating point (integer images get a hint to convert them), on one device, of one
+    shape, spatial sizes divisible by ``multiple_of``, and finite: one NaN or inf pixel would
+    otherwise spread through the pre-alignment into a NaN sampling grid (which can crash the
+    process in grid_sample's backward pass) or into every cost.
+    """
+    for name, image in (fixed, moving):
+        if isinstance(image, torch.Tensor) and not (image.is_floating_point() or image.is_complex()):
+            raise ValueError(f"{name} must be floating point with intensities in [0, 1], got {image.dtype}: "
+                             f"convert it first, e.g. {name}.float() / 255 for uint8 images")
+        check(name, image, finite=False)
+    (name_f, image_f), (name_m, image_m) = fixed, moving
+    check_same(name_f, image_f, name_m, image_m, device=True)  # before the NaN check: it reads the values
+    if image_f.shape != image_m.shape:
+        raise ValueError(f"{name_f} {list(image_f.shape)} and {name_m} {list(image_m.shape)} differ in shape: "
+                         f"register pairs of the same size (crop or pad one of them)")
+    spatial = tuple(image_f.shape[2:])
+    if any(n % multiple_of for n in spatial):
+        raise ValueError(f"the sizes {list(spatial)} of {name_f} and {name_m} must be divisible by {multiple_of} "
+                         f"(the features are at 1/{multiple_of} resolution); crop or pad them")
+    check_finite(name_f, image_f)
+    check_finite(name_m, image_m)
+
+
+def _check_images(image_fixed: torch.Tensor, image_moving: torch.Tensor, multiple_of: int = FEATURE_STRIDE) -> None:
+    """Images [B, 1, H, W]: floating point, finite, same shape and device, H and W divisible by ``multiple_of``."""
+    _check_pair(check_image, ("image_fixed", image_fixed), ("image_moving", image_moving), multiple_of)
 
 
 def extract_features(image: torch.Tensor, features: Features = "mind") -> torch.Tensor:
@@ -184,24 +238,32 @@ def cost_volume(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_range:
     return normalise_cost(cost) if normalise else cost
 
 
+_NO_MASS = 1e-8
+"""An image whose clamped intensities sum to no more than this is empty: no centre of mass, no axes."""
+
+
 def centre_of_mass_shift(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> torch.Tensor:
     """Translation [B, 2] (dy, dx) that moves the moving image's intensity centre of mass onto the fixed one's.
 
     ``warp(image_moving, translation_displacement(shift, (H, W)))`` has (about) the centre
-    of mass of ``image_fixed``.
+    of mass of ``image_fixed``. A pair in which either image has no mass (all zero or
+    negative: an empty slice) has no centre of mass to match: its shift is 0.
     """
+    _check_images(image_fixed, image_moving, multiple_of=1)
     H, W = image_fixed.shape[-2:]
     ys = torch.arange(H, device=image_fixed.device, dtype=image_fixed.dtype)
     xs = torch.arange(W, device=image_fixed.device, dtype=image_fixed.dtype)
 
-    def com(image: torch.Tensor) -> torch.Tensor:  # [B, 1, H, W] -> [B, 2]
+    def com(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, 1, H, W] -> [B, 2], [B] bool
         mass = image[:, 0].clamp_min(0)
-        total = mass.sum(dim=(1, 2)).clamp_min(1e-8)
-        cy = (mass.sum(dim=2) * ys).sum(dim=1) / total
-        cx = (mass.sum(dim=1) * xs).sum(dim=1) / total
-        return torch.stack([cy, cx], dim=1)
+        total = mass.sum(dim=(1, 2))
+        cy = (mass.sum(dim=2) * ys).sum(dim=1) / total.clamp_min(_NO_MASS)
+        cx = (mass.sum(dim=1) * xs).sum(dim=1) / total.clamp_min(_NO_MASS)
+        return torch.stack([cy, cx], dim=1), total > _NO_MASS
 
-    return com(image_moving) - com(image_fixed)
+    (centre_moving, has_moving), (centre_fixed, has_fixed) = com(image_moving), com(image_fixed)
+    shift = centre_moving - centre_fixed
+    return torch.where((has_moving & has_fixed)[:, None], shift, torch.zeros_like(shift))
 
 
 def _register_level(feat_fixed, feat_moving, disp_range, reg, alpha, normalise, border):
@@ -233,7 +295,12 @@ def moments_affine(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> tor
     rotation about the image centre): a rotation taking the fixed principal axes onto the
     moving ones (the smallest of the sign-equivalent choices), an isotropic scale
     ``(det C_moving / det C_fixed)^(1/4)`` and the translation between the centres of mass.
+
+    What an image does not define stays the identity: no rotation when either image has no
+    principal axes (a constant square, a disc: equal eigenvalues), no scale when either has
+    no area (a point, a line: det C = 0), the identity matrix when either image is empty.
     """
+    _check_images(image_fixed, image_moving, multiple_of=1)
     B, _, H, W = image_fixed.shape
     mean_f, cov_f = _intensity_moments(image_fixed)
     mean_m, cov_m = _intensity_moments(image_moving)
@@ -251,10 +318,27 @@ def moments_affine(image_fixed: torch.Tensor, image_moving: torch.Tensor) -> tor
             best_angle = torch.where(better, angle, best_angle)
             best_rot = torch.where(better[:, None, None], rot, best_rot)
     scale = (eig_m.clamp_min(1e-8) / eig_f.clamp_min(1e-8)).prod(1).pow(0.25)  # [B]
+    identity = torch.eye(2, 3, device=image_fixed.device, dtype=image_fixed.dtype)  # [2, 3]
+    no_axes = _isotropic(eig_f) | _isotropic(eig_m)  # [B]
+    best_rot = torch.where(no_axes[:, None, None], identity[:, :2], best_rot)
+    scale = torch.where((eig_f[:, 0] <= 1e-4 * eig_f[:, 1]) | (eig_m[:, 0] <= 1e-4 * eig_m[:, 1]),
+                        torch.ones_like(scale), scale)
     A = best_rot * scale[:, None, None]
     centre = torch.tensor([(H - 1) / 2, (W - 1) / 2], device=image_fixed.device, dtype=image_fixed.dtype)
     t = mean_m - centre - torch.einsum("bij,bj->bi", A, mean_f - centre)
-    return torch.cat([A, t[:, :, None]], dim=2)
+    matrix = torch.cat([A, t[:, :, None]], dim=2)  # [B, 2, 3]
+    empty = (_mass(image_fixed) <= _NO_MASS) | (_mass(image_moving) <= _NO_MASS)  # [B]
+    return torch.where(empty[:, None, None], identity, matrix)
+
+
+def _mass(image: torch.Tensor) -> torch.Tensor:
+    """Total intensity [B] of [B, 1, H, W] (negative values count as 0, as in the moments)."""
+    return image[:, 0].clamp_min(0).flatten(1).sum(1)
+
+
+def _isotropic(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the two (ascending) eigenvalues [B, 2] are equal up to rounding: no principal axes."""
+    return eigenvalues[:, 1] - eigenvalues[:, 0] <= 1e-4 * eigenvalues[:, 1].abs()
 
 
 def refine_affine(
@@ -270,7 +354,19 @@ def refine_affine(
     The images are average-pooled by ``scale`` and slightly blurred (a wide capture range,
     fast); the translation is optimised in units of half the image size so that one learning
     rate fits all six parameters. Returns the refined matrices [B, 2, 3] (pixel units).
+    Images without structure (empty, constant) give no gradient: their matrices stay as given.
     """
+    _check_images(image_fixed, image_moving, multiple_of=1)
+    B, _, H, W = image_fixed.shape
+    check_tensor("matrix", matrix, dims=3, layout="[B, 2, 3]", floating=True, device=image_fixed.device)
+    if tuple(matrix.shape) != (B, 2, 3):
+        raise ValueError(f"matrix must be [B, 2, 3] = [{B}, 2, 3] (one affine map per pair), "
+                         f"got {list(matrix.shape)}")
+    check_finite("matrix", matrix)
+    iterations = check_int("iterations", iterations, minimum=0)
+    lr = check_number("lr", lr, 0, strict_minimum=True)
+    scale = check_int("scale", scale, minimum=1, maximum=min(H, W))
+
     def smooth(image):
         small = F.avg_pool2d(image, scale)
         return F.avg_pool2d(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
@@ -289,6 +385,9 @@ def refine_affine(
             low = torch.cat([params[:, :, :2], params[:, :, 2:] * half], dim=2)
             field_ = affine_displacement(low, (h, w))
             loss = ((warp(moving, field_) - fixed) ** 2).mean(dim=(1, 2, 3)).sum()
+            if not bool(torch.isfinite(loss)):  # a NaN grid would reach grid_sample's backward pass
+                raise ValueError(f"refine_affine: the mean squared difference became {float(loss.detach())}; the "
+                                 f"intensities must be of a moderate range such as [0, 1]")
             loss.backward()
             optimiser.step()
     params = params.detach()
@@ -301,10 +400,9 @@ def prealign_displacement(image_fixed: torch.Tensor, image_moving: torch.Tensor,
 
     See :data:`PREALIGN_MODES`; ``iterations``: gradient steps of ``"affine"``.
     """
-    if prealign is None:
-        prealign = "none"
-    if prealign not in PREALIGN_MODES:
-        raise ValueError(f"prealign must be one of {PREALIGN_MODES} (or None), got {prealign!r}")
+    _check_images(image_fixed, image_moving, multiple_of=1)
+    prealign = check_choice("prealign", prealign, (*PREALIGN_MODES, None)) or "none"
+    iterations = check_int("iterations", iterations, minimum=0)
     B, _, H, W = image_fixed.shape
     if prealign == "none":
         return torch.zeros(B, 2, H, W, device=image_fixed.device, dtype=image_fixed.dtype)
@@ -324,15 +422,16 @@ def register_images(
     *,
     min_kernel: int = DEFAULTS["min_kernel"],
     avg_kernel: int = DEFAULTS["avg_kernel"],
+    min_order: str = DEFAULTS["min_order"],
     meanfield_kernel: int = DEFAULTS["meanfield_kernel"],
     meanfield_iterations: int = DEFAULTS["meanfield_iterations"],
     meanfield_passes: int = DEFAULTS["meanfield_passes"],
     alpha: float = DEFAULTS["alpha"],
     prealign: str | None = DEFAULTS["prealign"],
     refine_range: int | None = DEFAULTS["refine_range"],
-    normalise: bool = True,
-    border: str = "replicate",
-    upsample_mode: str = "bilinear",
+    normalise: bool = DEFAULTS["normalise"],
+    border: str = DEFAULTS["border"],
+    upsample_mode: str = DEFAULTS["upsample_mode"],
     chunk_size: int = 16,
     return_details: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, RegistrationDetails]:
@@ -344,18 +443,22 @@ def register_images(
        beyond the image), divided by its mean (``normalise``) so that one ``alpha`` serves
        every feature type;
     4. :func:`~tutorial_utils.regularisation.regularise`: min-convolution (min-pool
-       ``min_kernel``, two ``avg_kernel`` average pools) and mean field (``meanfield_passes``
-       average pools of ``meanfield_kernel``), ``meanfield_iterations`` times;
-    5. soft arg-min of ``softmax(-alpha * cost)``, upsampled x4 to the image and scaled by 4;
+       ``min_kernel``, two ``avg_kernel`` average pools; ``min_order="last"``: the averages
+       first, as in the 2019 slides' code) and mean field (``meanfield_passes`` average pools
+       of ``meanfield_kernel``), ``meanfield_iterations`` times;
+    5. soft arg-min of ``softmax(-alpha * cost)``, upsampled x4 to the image
+       (``upsample_mode``: "bilinear" or "bicubic") and scaled by 4;
     6. with ``refine_range`` (an odd D', or None): the moving image is warped with the
        result, its features recomputed, and steps 3-5 run once more with D' displacements;
        the two fields are composed.
 
-    The defaults (:data:`DEFAULTS`) were chosen on training pairs in notebook 03; see
-    :data:`DEFAULTS_2019` for the original ones (pass them to reproduce 2019).
+    The defaults (:data:`DEFAULTS`) were chosen on training pairs in notebook 03;
+    ``**DEFAULTS_2019`` gives the complete 2019 pipeline (see :data:`DEFAULTS_2019`).
 
     Args:
-        image_fixed, image_moving: [B, 1, H, W] float in [0, 1]; H, W divisible by 4.
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1] (float32 or float64), finite,
+            on one device; H, W divisible by 4. Integer images are refused rather than guessed
+            at: convert uint8 slices with ``.float() / 255``.
         features: see :func:`extract_features`.
         disp_range: D, odd (+-(D-1)/2 feature pixels = +-2(D-1) image pixels).
         chunk_size: pairs processed at once (bounds memory; results do not depend on it).
@@ -366,20 +469,20 @@ def register_images(
         ``warp(image_moving, displacement)`` is aligned with ``image_fixed``; with
         ``return_details`` the tuple ``(displacement, details)``.
     """
-    _check_images(image_fixed, image_moving)
-    for name, value in (("disp_range", disp_range), ("refine_range", refine_range or 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
-            raise ValueError(f"{name} must be a positive odd integer, got {value!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if prealign is not None and prealign not in PREALIGN_MODES:
-        raise ValueError(f"prealign must be one of {PREALIGN_MODES} (or None), got {prealign!r}")
-    if border not in ("replicate", "zeros"):
-        raise ValueError(f"border must be 'replicate' or 'zeros', got {border!r}")
+    _check_images(image_fixed, image_moving)  # first, before any computation (a NaN pixel can crash the process)
+    disp_range = check_odd("disp_range", disp_range)
+    refine_range = None if refine_range is None or refine_range == 0 else check_odd("refine_range", refine_range)
+    check_odd("min_kernel", min_kernel)
+    check_odd("avg_kernel", avg_kernel)
+    check_odd("meanfield_kernel", meanfield_kernel)
+    check_int("meanfield_iterations", meanfield_iterations, minimum=0)
+    check_int("meanfield_passes", meanfield_passes, minimum=0)
+    alpha = check_number("alpha", alpha, 0, strict_minimum=True)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    check_choice("prealign", prealign, (*PREALIGN_MODES, None))
+    check_choice("border", border, ("replicate", "zeros"))
     reg = dict(min_kernel=min_kernel, avg_kernel=avg_kernel, meanfield_kernel=meanfield_kernel,
-               meanfield_iterations=meanfield_iterations, meanfield_passes=meanfield_passes)
+               meanfield_iterations=meanfield_iterations, meanfield_passes=meanfield_passes, min_order=min_order)
     options = dict(alpha=alpha, prealign=prealign, refine_range=refine_range, normalise=normalise,
                    border=border, upsample_mode=upsample_mode, chunk_size=chunk_size)
     B, _, H, W = image_fixed.shape
@@ -463,19 +566,13 @@ class RegistrationDetails3d:
     points: torch.Tensor | None = None  # [P, 3] control points (sparse only)
 
 
-def _check_volumes(volume_fixed: torch.Tensor, volume_moving: torch.Tensor, stride: int) -> None:
-    for name, volume in (("volume_fixed", volume_fixed), ("volume_moving", volume_moving)):
-        if not isinstance(volume, torch.Tensor) or volume.dim() != 5 or volume.shape[1] != 1:
-            raise ValueError(f"{name} must be [B, 1, Z, Y, X], got {getattr(volume, 'shape', volume)}")
-        if not volume.is_floating_point():
-            raise ValueError(f"{name} must be floating point in [0, 1], got {volume.dtype}")
-    if volume_fixed.shape != volume_moving.shape:
-        raise ValueError(f"volume_fixed {tuple(volume_fixed.shape)} and volume_moving "
-                         f"{tuple(volume_moving.shape)} differ in shape")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if any(n % stride for n in volume_fixed.shape[-3:]):
-        raise ValueError(f"Z, Y and X must be divisible by stride={stride}, got {tuple(volume_fixed.shape[-3:])}")
+def _check_volumes(volume_fixed: torch.Tensor, volume_moving: torch.Tensor, stride: int) -> int:
+    """Volumes [B, 1, Z, Y, X]: floating point, finite, same shape and device, sizes divisible by ``stride``.
+
+    Returns ``stride`` as an int."""
+    stride = check_int("stride", stride, minimum=1)
+    _check_pair(check_volume, ("volume_fixed", volume_fixed), ("volume_moving", volume_moving), stride)
+    return stride
 
 
 def extract_features3d(volume: torch.Tensor, features: Features = "mind", stride: int = 2) -> torch.Tensor:
@@ -527,13 +624,10 @@ def cost_volume3d(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_rang
     return normalise_cost(cost.flatten(3)).view_as(cost) if normalise else cost
 
 
-def _check_common3d(disp_range, alpha, meanfield_iterations):
-    if isinstance(disp_range, bool) or not isinstance(disp_range, int) or disp_range < 1 or disp_range % 2 == 0:
-        raise ValueError(f"disp_range must be a positive odd integer, got {disp_range!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if not isinstance(meanfield_iterations, int) or meanfield_iterations < 0:
-        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
+def _check_common3d(disp_range: int, alpha: float, meanfield_iterations: int) -> tuple[int, float, int]:
+    """The hyper-parameters both 3D registrations share, as (int, float, int)."""
+    return (check_odd("disp_range", disp_range), check_number("alpha", alpha, 0, strict_minimum=True),
+            check_int("meanfield_iterations", meanfield_iterations, minimum=0))
 
 
 def register_volumes(
@@ -573,8 +667,8 @@ def register_volumes(
         ``warp3d(volume_moving, displacement)`` is aligned with ``volume_fixed``; with
         ``return_details`` the tuple ``(displacement, RegistrationDetails3d)``.
     """
-    _check_volumes(volume_fixed, volume_moving, stride)
-    _check_common3d(disp_range, alpha, meanfield_iterations)
+    stride = _check_volumes(volume_fixed, volume_moving, stride)
+    disp_range, alpha, meanfield_iterations = _check_common3d(disp_range, alpha, meanfield_iterations)
     feat_fixed = extract_features3d(volume_fixed, features, stride)  # [B, C, d, h, w]
     feat_moving = extract_features3d(volume_moving, features, stride)
     cost = cost_volume3d(feat_fixed, feat_moving, disp_range, normalise, border)  # [B, D**3, d, h, w]
@@ -634,8 +728,8 @@ def register_volumes_sparse(
     Returns:
         displacement [B, 3, Z, Y, X] (dz, dy, dx) in voxels (and details with ``return_details``).
     """
-    _check_volumes(volume_fixed, volume_moving, stride)
-    _check_common3d(disp_range, alpha, meanfield_iterations)
+    stride = _check_volumes(volume_fixed, volume_moving, stride)
+    disp_range, alpha, meanfield_iterations = _check_common3d(disp_range, alpha, meanfield_iterations)
     feat_fixed = extract_features3d(volume_fixed, features, stride)  # [B, C, d, h, w]
     feat_moving = extract_features3d(volume_moving, features, stride)
     d, h, w = feat_fixed.shape[-3:]

@@ -26,6 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice, check_int, check_number, check_odd, check_tensor, describe
+from .checks import check_cost_volume as _check_cost_volume
+
 __all__ = [
     "check_cost_volume",
     "displacement_offsets",
@@ -47,25 +50,13 @@ __all__ = [
 ]
 
 
-def _check_odd_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{name} must be a positive odd integer, got {value!r}")
-
-
 def check_cost_volume(cost: torch.Tensor, disp_range: int) -> tuple[int, int, int]:
-    """Validate a cost volume [B, D*D, h, w] for ``disp_range`` D; return ``(B, h, w)``."""
-    _check_odd_positive("disp_range", disp_range)
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
-        shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
-        raise ValueError(f"cost volume must be a tensor [B, D*D, h, w], got {shape}")
-    if cost.shape[1] != disp_range**2:
-        raise ValueError(
-            f"cost volume has {cost.shape[1]} channels, expected disp_range**2 = {disp_range**2} "
-            f"(layout [B, D*D, h, w])"
-        )
-    if not cost.is_floating_point():
-        raise ValueError(f"cost volume must be floating point, got {cost.dtype}")
-    return cost.shape[0], cost.shape[2], cost.shape[3]
+    """Validate a cost volume [B, D*D, h, w] (floating point, finite) for ``disp_range`` D; return ``(B, h, w)``.
+
+    A thin wrapper of :func:`tutorial_utils.checks.check_cost_volume`.
+    """
+    _, B, h, w = _check_cost_volume("cost", cost, disp_range)
+    return B, h, w
 
 
 def displacement_offsets(
@@ -75,8 +66,7 @@ def displacement_offsets(
 
     Units: pixels of the feature map the cost volume was computed on.
     """
-    _check_odd_positive("disp_range", disp_range)
-    r = (disp_range - 1) // 2
+    r = (check_odd("disp_range", disp_range) - 1) // 2
     steps = torch.arange(-r, r + 1, device=device, dtype=dtype)
     dy, dx = torch.meshgrid(steps, steps, indexing="ij")  # [D, D] each
     return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=1)  # [D*D, 2]
@@ -97,12 +87,12 @@ def min_convolution_exact(cost: torch.Tensor, disp_range: int, lam: float = 1.0,
     Returns:
         [B, D*D, h, w], same dtype and device. ``out <= cost`` everywhere.
     """
-    B, h, w = check_cost_volume(cost, disp_range)
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    offsets = displacement_offsets(disp_range, cost.device, cost.dtype)  # [K, 2]
+    D, B, h, w = _check_cost_volume("cost", cost, disp_range)
+    check_number("lam", lam, minimum=0)
+    chunk = check_int("chunk", chunk, minimum=1)
+    offsets = displacement_offsets(D, cost.device, cost.dtype)  # [K, 2]
     penalty = lam * torch.cdist(offsets, offsets) ** 2  # [K, K]: penalty[k, k']
-    K = disp_range**2
+    K = D**2
     flat = cost.permute(0, 2, 3, 1).reshape(-1, K)  # [B*h*w, K]
     out = torch.empty_like(flat)
     for start in range(0, flat.shape[0], chunk):
@@ -118,6 +108,7 @@ def min_convolution(
     avg_kernel: int = 5,
     avg_passes: int = 2,
     padding: int | None = None,
+    min_order: str = "first",
 ) -> torch.Tensor:
     """Differentiable, fast approximation of :func:`min_convolution_exact` (the 2019 recipe).
 
@@ -131,30 +122,38 @@ def min_convolution(
 
     Note: the slides' code of 2019 applies the two average poolings first and the
     min-pooling last (``-minconv(-cost)`` with ``Sequential(pad, avg, avg, max)``); the
-    order here (min first) is the one the tutorial text describes. Both keep the size.
+    default order here (min first) is the one the tutorial text describes. Both keep the
+    size; ``min_order="last"`` gives the slides' order (what ``DEFAULTS_2019`` uses).
 
     Args:
         cost: [B, D*D, h, w]. disp_range: D (odd). min_kernel, avg_kernel: odd >= 1.
         avg_passes: number of average poolings (>= 0). padding: replication padding; must
             equal the default for the output to keep D x D displacements.
+        min_order: "first" (pad, min-pool, average pools; the default) or "last" (pad,
+            average pools, min-pool: the 2019 slides' code).
 
     Returns:
         [B, D*D, h, w], the regularised costs.
     """
-    B, h, w = check_cost_volume(cost, disp_range)
-    _check_odd_positive("min_kernel", min_kernel)
-    _check_odd_positive("avg_kernel", avg_kernel)
-    if not isinstance(avg_passes, int) or avg_passes < 0:
-        raise ValueError(f"avg_passes must be an integer >= 0, got {avg_passes!r}")
+    D = _check_cost_volume("cost", cost, disp_range)[0]
+    min_kernel = check_odd("min_kernel", min_kernel)
+    avg_kernel = check_odd("avg_kernel", avg_kernel)
+    avg_passes = check_int("avg_passes", avg_passes, minimum=0)
+    check_choice("min_order", min_order, ("first", "last"))
     needed = ((min_kernel - 1) + avg_passes * (avg_kernel - 1)) // 2
-    if padding is None:
-        padding = needed
-    if padding != needed:
+    if padding is not None and padding != needed:
         raise ValueError(
-            f"padding={padding} would change the {disp_range}x{disp_range} displacement grid; "
+            f"padding={padding} would change the {D}x{D} displacement grid; "
             f"min_kernel={min_kernel} and {avg_passes} x avg_kernel={avg_kernel} need padding={needed}"
         )
-    D = disp_range
+    return _min_convolution(cost, D, min_kernel, avg_kernel, avg_passes, min_order)
+
+
+def _min_convolution(cost: torch.Tensor, D: int, min_kernel: int, avg_kernel: int, avg_passes: int,
+                     min_order: str) -> torch.Tensor:
+    """:func:`min_convolution` of a checked cost volume [B, D*D, h, w]."""
+    B, _, h, w = cost.shape
+    padding = ((min_kernel - 1) + avg_passes * (avg_kernel - 1)) // 2
     # the memory of [B, D*D, h, w] already is [B, D, D, h*w]: pool over dims 1 and 2 directly
     grid = cost.reshape(B, 1, D, D, h * w)
     if padding > 0:
@@ -162,6 +161,11 @@ def min_convolution(
     grid = grid[:, 0]  # [B, D+2p, D+2p, h*w]
     # separable sliding windows (Tensor.unfold adds the window as a last dim): exactly a
     # min-pooling / average pooling with stride 1, but fast for many tiny D x D grids
+    if min_order == "last":  # the 2019 slides' code: the average poolings, then the min-pooling
+        for _ in range(avg_passes):
+            grid = grid.unfold(1, avg_kernel, 1).mean(-1).unfold(2, avg_kernel, 1).mean(-1)
+        grid = grid.unfold(1, min_kernel, 1).amin(-1).unfold(2, min_kernel, 1).amin(-1)
+        return grid.reshape(B, D * D, h, w)
     grid = grid.unfold(1, min_kernel, 1).amin(-1).unfold(2, min_kernel, 1).amin(-1)
     for _ in range(avg_passes):
         grid = grid.unfold(1, avg_kernel, 1).mean(-1).unfold(2, avg_kernel, 1).mean(-1)
@@ -185,16 +189,19 @@ def mean_field(cost: torch.Tensor, kernel: int = 5, passes: int = 3, padding: in
     Returns:
         [B, K, h, w].
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
-        raise ValueError(f"mean_field expects a cost volume [B, K, h, w], got {getattr(cost, 'shape', cost)}")
-    _check_odd_positive("kernel", kernel)
-    if not isinstance(passes, int) or passes < 0:
-        raise ValueError(f"passes must be an integer >= 0, got {passes!r}")
+    check_tensor("cost", cost, dims=4, layout="a cost volume [B, K, h, w] for mean_field (mean_field3d for 3D)",
+                 floating=True, finite=True)
+    kernel = check_odd("kernel", kernel)
+    passes = check_int("passes", passes, minimum=0)
     needed = passes * (kernel - 1) // 2
-    if padding is None:
-        padding = needed
-    if padding != needed:
+    if padding is not None and padding != needed:
         raise ValueError(f"padding={padding} would change the spatial size; {passes} x kernel={kernel} need {needed}")
+    return _mean_field(cost, kernel, passes)
+
+
+def _mean_field(cost: torch.Tensor, kernel: int, passes: int) -> torch.Tensor:
+    """:func:`mean_field` of a checked cost volume [B, K, h, w]."""
+    padding = passes * (kernel - 1) // 2
     if padding > 0:
         cost = F.pad(cost, (padding,) * 4, mode="replicate")
     for _ in range(passes):
@@ -210,10 +217,11 @@ def regularise(
     meanfield_kernel: int = 5,
     meanfield_iterations: int = 1,
     meanfield_passes: int = 3,
+    min_order: str = "first",
 ) -> torch.Tensor:
     """Alternate :func:`min_convolution` and :func:`mean_field` ``meanfield_iterations`` times.
 
-    One iteration is exactly the 2019 regulariser: ``mean_field(min_convolution(cost))``.
+    One iteration is the 2019 regulariser: ``mean_field(min_convolution(cost))``.
     Each further iteration applies it again to the result, as further rounds of message
     passing let information travel further in loopy belief propagation: after t rounds a
     pixel has heard from neighbours about t mean-field radii away, and the min-convolutions
@@ -221,19 +229,28 @@ def regularise(
     Zero iterations return the data cost unchanged. (Feeding the data cost back in every
     round, ``(cost + message) / 2``, was measured in notebook 03 to give rougher fields.)
 
+    With ``min_order="last"`` (the pooling order of the 2019 slides' code, see
+    :func:`min_convolution`) and the kernels 3, 5, 5 x 3, one iteration is the slides'
+    ``meanfield(-minconv(-cost))`` exactly.
+
     Args:
         cost: [B, D*D, h, w]. disp_range: D. Kernel sizes odd; iterations >= 0.
+        min_order: "first" (min-pool, then average pools) or "last" (the slides' order).
 
     Returns:
         [B, D*D, h, w].
     """
-    check_cost_volume(cost, disp_range)
-    if not isinstance(meanfield_iterations, int) or meanfield_iterations < 0:
-        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
+    D = _check_cost_volume("cost", cost, disp_range)[0]
+    min_kernel = check_odd("min_kernel", min_kernel)
+    avg_kernel = check_odd("avg_kernel", avg_kernel)
+    meanfield_kernel = check_odd("meanfield_kernel", meanfield_kernel)
+    meanfield_passes = check_int("meanfield_passes", meanfield_passes, minimum=0)
+    meanfield_iterations = check_int("meanfield_iterations", meanfield_iterations, minimum=0)
+    check_choice("min_order", min_order, ("first", "last"))
     belief = cost
-    for _ in range(meanfield_iterations):
-        belief = mean_field(min_convolution(belief, disp_range, min_kernel, avg_kernel),
-                            meanfield_kernel, meanfield_passes)
+    for _ in range(meanfield_iterations):  # checked once above, not in every round; 2 average pools
+        belief = _mean_field(_min_convolution(belief, D, min_kernel, avg_kernel, 2, min_order),
+                             meanfield_kernel, meanfield_passes)
     return belief
 
 
@@ -243,14 +260,21 @@ def normalise_cost(cost: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     SSD costs are >= 0 and their scale depends on the features (number of channels, their
     range). Dividing by the mean over displacements and pixels makes the average cost 1 for
     every pair, which is about the scale of the 2019 CNN's 24 sigmoid features, so the 2019
-    ``alpha = 10`` keeps its meaning. Shift-free costs (min near 0) are assumed.
+    ``alpha = 10`` keeps its meaning. Shift-free costs (min near 0) are assumed. A pair whose
+    costs are negative on average (``metric="dot"``) is divided by its mean *absolute* value
+    instead: the scale is always positive, so the order of the displacements is kept.
 
     Args:
-        cost: [B, K, h, w]. Returns: [B, K, h, w] with mean 1 per batch element.
+        cost: [B, K, h, w], floating point, finite. eps: > 0, added to the scale (no division by 0).
+
+    Returns:
+        [B, K, h, w]; for costs >= 0 the mean is 1 per batch element.
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 4:
-        raise ValueError(f"normalise_cost expects [B, K, h, w], got {getattr(cost, 'shape', cost)}")
-    scale = cost.mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+    check_tensor("cost", cost, dims=4, layout="[B, K, h, w]", floating=True, finite=True)
+    check_number("eps", eps, minimum=0, strict_minimum=True)
+    scale = cost.mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1], > 0 for SSD costs
+    if bool((scale <= 0).any()):  # negative on average (metric="dot"): a negative scale would flip the order
+        scale = torch.where(scale > 0, scale, cost.abs().mean(dim=(1, 2, 3), keepdim=True))
     return cost / (scale + eps)
 
 
@@ -271,11 +295,10 @@ def soft_displacement(
         ``(probabilities [B, D*D, h, w], displacement [B, 2, h, w])``; the displacement
         channels are (dy, dx) in pixels of the cost volume's (feature) grid.
     """
-    check_cost_volume(cost, disp_range)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    D = _check_cost_volume("cost", cost, disp_range)[0]
+    check_number("alpha", alpha, minimum=0, strict_minimum=True)
     probabilities = torch.softmax(-alpha * cost, dim=1)  # [B, D*D, h, w]
-    offsets = displacement_offsets(disp_range, cost.device, cost.dtype)  # [D*D, 2]
+    offsets = displacement_offsets(D, cost.device, cost.dtype)  # [D*D, 2]
     displacement = torch.einsum("bkyx,kc->bcyx", probabilities, offsets)  # [B, 2, h, w]
     return probabilities, displacement
 
@@ -290,19 +313,15 @@ def soft_displacement(
 
 
 def check_cost_volume3d(cost: torch.Tensor, disp_range: int) -> tuple[int, int, int, int]:
-    """Validate a 3D cost volume [B, D**3, d, h, w] for ``disp_range`` D; return ``(B, d, h, w)``."""
-    _check_odd_positive("disp_range", disp_range)
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 5:
-        shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
-        raise ValueError(f"3D cost volume must be a tensor [B, D**3, d, h, w], got {shape}")
-    if cost.shape[1] != disp_range**3:
-        raise ValueError(
-            f"3D cost volume has {cost.shape[1]} channels, expected disp_range**3 = {disp_range**3} "
-            f"(layout [B, D**3, d, h, w])"
-        )
-    if not cost.is_floating_point():
-        raise ValueError(f"cost volume must be floating point, got {cost.dtype}")
-    return cost.shape[0], cost.shape[2], cost.shape[3], cost.shape[4]
+    """Validate a 3D cost volume [B, D**3, d, h, w] (floating point, finite) for ``disp_range`` D;
+    return ``(B, d, h, w)``. A thin wrapper of :func:`tutorial_utils.checks.check_cost_volume`."""
+    return _check_cost_volume3d(cost, disp_range)[1:]
+
+
+def _check_cost_volume3d(cost: torch.Tensor, disp_range: int) -> tuple[int, int, int, int, int]:
+    """The shared check with the layout written as in this module; returns ``(D, B, d, h, w)``."""
+    check_tensor("cost", cost, dims=5, layout="a 3D cost volume [B, D**3, d, h, w]")
+    return _check_cost_volume("cost", cost, disp_range, ndim=3)
 
 
 def displacement_offsets3d(
@@ -310,28 +329,26 @@ def displacement_offsets3d(
 ) -> torch.Tensor:
     """The discrete displacements [D**3, 3]; row ``k = (i*D + j)*D + l`` is ``(i - r, j - r, l - r)``
     = (dz, dy, dx) in voxels of the feature volume."""
-    _check_odd_positive("disp_range", disp_range)
-    r = (disp_range - 1) // 2
+    r = (check_odd("disp_range", disp_range) - 1) // 2
     steps = torch.arange(-r, r + 1, device=device, dtype=dtype)
     grids = torch.meshgrid(steps, steps, steps, indexing="ij")  # [D, D, D] each
     return torch.stack([g.reshape(-1) for g in grids], dim=1)  # [D**3, 3]
 
 
-def _check_offsets(offsets: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 2 or offsets.shape[0] != cost.shape[1]:
-        raise ValueError(
-            f"offsets must be [K, n] with K = cost.shape[1] = {cost.shape[1]}, got "
-            f"{getattr(offsets, 'shape', type(offsets).__name__)}"
-        )
+def _check_sparse(cost: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Check costs [B, K, *spatial] and offsets [K, n]; return the offsets on the costs' device and dtype."""
+    check_tensor("cost", cost, dims=range(2, 9), layout="[B, K, ...]", floating=True, finite=True)
+    layout = f"[K, n] with K = cost.shape[1] = {cost.shape[1]}"
+    check_tensor("offsets", offsets, dims=2, layout=layout, finite=True)
+    if offsets.shape[0] != cost.shape[1]:
+        raise ValueError(f"offsets must be {layout}, got {describe(offsets)}")
     return offsets.to(device=cost.device, dtype=cost.dtype)
 
 
 def _min_convolution_offsets(cost: torch.Tensor, offsets: torch.Tensor, lam: float, chunk: int) -> torch.Tensor:
     """``out[b, k, ...] = min_k' cost[b, k', ...] + lam * |o_k - o_k'|^2`` by brute force over K x K."""
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    check_number("lam", lam, minimum=0)
+    chunk = check_int("chunk", chunk, minimum=1)
     B, K = cost.shape[:2]
     spatial = cost.shape[2:]
     penalty = lam * ((offsets[:, None, :] - offsets[None, :, :]) ** 2).sum(-1)  # [K, K']
@@ -443,12 +460,16 @@ def min_convolution3d(
     Returns:
         [B, D**3, d, h, w], the regularised costs.
     """
-    B, d, h, w = check_cost_volume3d(cost, disp_range)
-    _check_odd_positive("min_kernel", min_kernel)
-    _check_odd_positive("avg_kernel", avg_kernel)
-    if not isinstance(avg_passes, int) or isinstance(avg_passes, bool) or avg_passes < 0:
-        raise ValueError(f"avg_passes must be an integer >= 0, got {avg_passes!r}")
-    D = disp_range
+    D = _check_cost_volume3d(cost, disp_range)[0]
+    min_kernel = check_odd("min_kernel", min_kernel)
+    avg_kernel = check_odd("avg_kernel", avg_kernel)
+    avg_passes = check_int("avg_passes", avg_passes, minimum=0)
+    return _min_convolution3d(cost, D, min_kernel, avg_kernel, avg_passes)
+
+
+def _min_convolution3d(cost: torch.Tensor, D: int, min_kernel: int, avg_kernel: int, avg_passes: int) -> torch.Tensor:
+    """:func:`min_convolution3d` of a checked cost volume [B, D**3, d, h, w]."""
+    B, _, d, h, w = cost.shape
     padding = ((min_kernel - 1) + avg_passes * (avg_kernel - 1)) // 2
     n = d * h * w
     grid = cost.reshape(B, D, D, D, n)  # the displacement axes are dims 1, 2, 3
@@ -477,11 +498,15 @@ def mean_field3d(cost: torch.Tensor, kernel: int = 3, passes: int = 2) -> torch.
     Returns:
         [B, K, d, h, w].
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 5:
-        raise ValueError(f"mean_field3d expects a cost volume [B, K, d, h, w], got {getattr(cost, 'shape', cost)}")
-    _check_odd_positive("kernel", kernel)
-    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 0:
-        raise ValueError(f"passes must be an integer >= 0, got {passes!r}")
+    check_tensor("cost", cost, dims=5, layout="a cost volume [B, K, d, h, w] for mean_field3d (mean_field for 2D)",
+                 floating=True, finite=True)
+    kernel = check_odd("kernel", kernel)
+    passes = check_int("passes", passes, minimum=0)
+    return _mean_field3d(cost, kernel, passes)
+
+
+def _mean_field3d(cost: torch.Tensor, kernel: int, passes: int) -> torch.Tensor:
+    """:func:`mean_field3d` of a checked cost volume [B, K, d, h, w]."""
     padding = passes * (kernel - 1) // 2
 
     def block_filter(x):
@@ -517,13 +542,17 @@ def regularise3d(
     Args:
         cost: [B, D**3, d, h, w]. Returns: [B, D**3, d, h, w].
     """
-    check_cost_volume3d(cost, disp_range)
-    if not isinstance(meanfield_iterations, int) or meanfield_iterations < 0:
-        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
+    D = _check_cost_volume3d(cost, disp_range)[0]
+    min_kernel = check_odd("min_kernel", min_kernel)
+    avg_kernel = check_odd("avg_kernel", avg_kernel)
+    avg_passes = check_int("avg_passes", avg_passes, minimum=0)
+    meanfield_kernel = check_odd("meanfield_kernel", meanfield_kernel)
+    meanfield_passes = check_int("meanfield_passes", meanfield_passes, minimum=0)
+    meanfield_iterations = check_int("meanfield_iterations", meanfield_iterations, minimum=0)
     belief = cost
-    for _ in range(meanfield_iterations):
-        belief = mean_field3d(min_convolution3d(belief, disp_range, min_kernel, avg_kernel, avg_passes),
-                              meanfield_kernel, meanfield_passes)
+    for _ in range(meanfield_iterations):  # checked once above, not in every round
+        belief = _mean_field3d(_min_convolution3d(belief, D, min_kernel, avg_kernel, avg_passes),
+                               meanfield_kernel, meanfield_passes)
     return belief
 
 
@@ -539,11 +568,14 @@ def soft_displacement_sparse(
     Returns:
         ``(probabilities [B, K, *spatial], displacement [B, n, *spatial])`` in the units of ``offsets``.
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() < 2 or not cost.is_floating_point():
-        raise ValueError(f"cost must be a floating point tensor [B, K, ...], got {getattr(cost, 'shape', cost)}")
-    offsets = _check_offsets(offsets, cost)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    offsets = _check_sparse(cost, offsets)
+    check_number("alpha", alpha, minimum=0, strict_minimum=True)
+    return _soft_displacement_sparse(cost, offsets, alpha)
+
+
+def _soft_displacement_sparse(cost: torch.Tensor, offsets: torch.Tensor, alpha: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`soft_displacement_sparse` of checked costs [B, K, ...] and offsets [K, n] (same device, dtype)."""
     B, K = cost.shape[:2]
     flat = cost.reshape(B, K, -1)  # [B, K, N]
     n = flat.shape[2]
@@ -580,7 +612,8 @@ def soft_displacement3d(
         channels are (dz, dy, dx) in voxels of the cost volume's (feature) grid.
     """
     check_cost_volume3d(cost, disp_range)
-    return soft_displacement_sparse(cost, displacement_offsets3d(disp_range, cost.device, cost.dtype), alpha)
+    check_number("alpha", alpha, minimum=0, strict_minimum=True)
+    return _soft_displacement_sparse(cost, displacement_offsets3d(disp_range, cost.device, cost.dtype), alpha)
 
 
 def min_convolution_sparse(cost: torch.Tensor, offsets: torch.Tensor, lam: float = 1.0,
@@ -599,6 +632,4 @@ def min_convolution_sparse(cost: torch.Tensor, offsets: torch.Tensor, lam: float
     Returns:
         [B, K, *spatial]; ``out <= cost``.
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() < 2 or not cost.is_floating_point():
-        raise ValueError(f"cost must be a floating point tensor [B, K, ...], got {getattr(cost, 'shape', cost)}")
-    return _min_convolution_offsets(cost, _check_offsets(offsets, cost), lam, chunk)
+    return _min_convolution_offsets(cost, _check_sparse(cost, offsets), lam, chunk)

@@ -54,17 +54,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import (
+    argument_type,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_odd,
+)
 from .correlation import correlation_unfold
-from .data import Dataset
+from .data import Dataset, _slice_ids
 from .environment import choose_device
 from .models import FeatureCNN
-from .registration import FEATURE_STRIDE
-from .regularisation import displacement_offsets, min_convolution
+from .registration import DEFAULTS_2019, FEATURE_STRIDE
+from .regularisation import displacement_offsets, min_convolution, normalise_cost
 
 __all__ = [
     "CHECKPOINT",
     "DEFAULTS",
     "DEFAULT_PAIRS",
+    "TRAIN_DEFAULTS_2019",
     "LossHistory",
     "add_run_arguments",
     "diffusion_penalty",
@@ -84,6 +93,7 @@ __all__ = [
     "save_features",
     "train_features",
     "train_features_2019",
+    "train_features_settings_2019",
 ]
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "feature_cnn_synthetic.pt"
@@ -104,8 +114,8 @@ def label_onehot(labels: torch.Tensor, num_labels: int, stride: int = FEATURE_ST
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor [B, H, W], got {getattr(labels, 'shape', labels)}")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    num_labels = check_int("num_labels", num_labels, minimum=1)
+    stride = check_int("stride", stride, minimum=1)
     if labels.shape[-2] % stride or labels.shape[-1] % stride:
         raise ValueError(f"H and W must be divisible by stride={stride}, got {tuple(labels.shape[-2:])}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
@@ -421,10 +431,16 @@ def _mean_field_fast(cost: torch.Tensor, kernel: int, passes: int) -> torch.Tens
     return torch.matmul(A_h, out).reshape(B, K, h, w)  # along y
 
 
-def _odd(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{name} must be a positive odd integer, got {value!r}")
-    return value
+_odd = check_odd  # the old name, still used by the 2019 loop's checks
+
+
+def _check_reg(min_kernel: int, avg_kernel: int, meanfield_kernel: int, meanfield_iterations: int,
+               meanfield_passes: int) -> tuple[int, int, int, int, int]:
+    """The regularisation's kernels (odd integers >= 1) and repetitions (integers >= 0), as ints."""
+    return (check_odd("min_kernel", min_kernel), check_odd("avg_kernel", avg_kernel),
+            check_odd("meanfield_kernel", meanfield_kernel),
+            check_int("meanfield_iterations", meanfield_iterations, minimum=0),
+            check_int("meanfield_passes", meanfield_passes, minimum=0))
 
 
 def regularise_fast(cost: torch.Tensor, disp_range: int, min_kernel: int = 3, avg_kernel: int = 5,
@@ -445,16 +461,11 @@ def regularise_fast(cost: torch.Tensor, disp_range: int, min_kernel: int = 3, av
     Returns:
         [B, D*D, h, w].
     """
-    D = _odd("disp_range", disp_range)
+    D = check_odd("disp_range", disp_range)
     if not isinstance(cost, torch.Tensor) or cost.dim() != 4 or cost.shape[1] != D * D:
         raise ValueError(f"cost must be [B, D*D={D * D}, h, w], got {getattr(cost, 'shape', cost)}")
-    for name, value in (("min_kernel", min_kernel), ("avg_kernel", avg_kernel),
-                        ("meanfield_kernel", meanfield_kernel)):
-        _odd(name, value)
-    if not isinstance(meanfield_iterations, int) or meanfield_iterations < 0:
-        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
-    if not isinstance(meanfield_passes, int) or meanfield_passes < 0:
-        raise ValueError(f"meanfield_passes must be an integer >= 0, got {meanfield_passes!r}")
+    min_kernel, avg_kernel, meanfield_kernel, meanfield_iterations, meanfield_passes = _check_reg(
+        min_kernel, avg_kernel, meanfield_kernel, meanfield_iterations, meanfield_passes)
     belief = cost.contiguous()
     for _ in range(meanfield_iterations):  # each round applies both again, as the reference does
         if min_kernel in (1, 3):
@@ -548,18 +559,48 @@ class LossHistory(list):
 
 
 def _grid_centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """Intensity centres of mass [N, 2] (y, x) of [N, 1, H, W]; the image centre for an empty slice."""
     H, W = images.shape[-2:]
     mass = images[:, 0].clamp_min(0)
-    total = mass.sum(dim=(1, 2)).clamp_min(1e-8)
+    total = mass.sum(dim=(1, 2))
     ys = torch.arange(H, device=images.device, dtype=images.dtype)
     xs = torch.arange(W, device=images.device, dtype=images.dtype)
-    return torch.stack([(mass.sum(2) * ys).sum(1) / total, (mass.sum(1) * xs).sum(1) / total], dim=1)
+    centre = torch.stack([(mass.sum(2) * ys).sum(1) / total.clamp_min(1e-8),
+                          (mass.sum(1) * xs).sum(1) / total.clamp_min(1e-8)], dim=1)
+    middle = torch.tensor([(H - 1) / 2, (W - 1) / 2], device=images.device, dtype=images.dtype)
+    return torch.where((total > 1e-8)[:, None], centre, middle)
 
 
 TRAINING_PREALIGN = {None: "none", "none": "none", "com": "com", "moments": "moments", "affine": "moments"}
 """How the training slices are aligned for each ``prealign`` of register_images (see
 :func:`_prepare_training_data`): a pairwise affine refinement cannot be done once per slice,
 so "affine" trains on slices aligned by their moments."""
+
+
+def _check_dataset(dataset: object) -> None:
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a tutorial_utils.data.Dataset, got {type(dataset).__name__}")
+
+
+def _training_ids(dataset: Dataset, train_ids: Sequence[int] | None) -> list[int]:
+    """The slices to train on (default ``dataset.train_ids``): at least 2 indices in 0..N-1 whose
+    images are finite (a NaN pixel would make every weight NaN after one step)."""
+    ids = list(dataset.train_ids if train_ids is None else _slice_ids("train_ids", train_ids))
+    if len(ids) < 2:
+        raise ValueError(f"training needs at least 2 training slices, the dataset has {len(ids)}")
+    bad = [i for i in ids if not 0 <= i < len(dataset)]
+    if bad:
+        raise ValueError(f"train_ids must be slice indices in 0..{len(dataset) - 1}, got {bad}")
+    check_finite("the training images (dataset.images[train_ids])", dataset.images[ids])
+    return ids
+
+
+def _check_training(seed: int, images_per_step: int, lr: float, diffusion_weight: float,
+                    threads: int | None) -> tuple[int, int, float, float, int | None]:
+    """The hyper-parameters both trainers share: (seed, images_per_step, lr, diffusion_weight, threads)."""
+    return (check_int("seed", seed), check_int("images_per_step", images_per_step, minimum=2),
+            check_number("lr", lr, 0, strict_minimum=True), check_number("diffusion_weight", diffusion_weight, 0),
+            None if threads is None else check_int("threads", threads, minimum=1))
 
 
 def _prepare_training_data(dataset: Dataset, ids: Sequence[int], prealign: str | None, device: torch.device,
@@ -616,6 +657,9 @@ def _label_weights(label_weights, onehot: torch.Tensor) -> torch.Tensor | None:
     weights = torch.as_tensor(label_weights, dtype=onehot.dtype, device=onehot.device)
     if weights.shape != (L,):
         raise ValueError(f"label_weights must have one weight per label, [{L}], got {tuple(weights.shape)}")
+    check_finite("label_weights", weights)
+    if bool((weights < 0).any()):
+        raise ValueError(f"label_weights must be >= 0, got {weights.tolist()}")
     return weights
 
 
@@ -775,26 +819,23 @@ def train_features(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a tutorial_utils.data.Dataset, got {type(dataset).__name__}")
-    D = _odd("disp_range", disp_range)
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
-        raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
-    ids = list(dataset.train_ids if train_ids is None else train_ids)
-    if len(ids) < 2:
-        raise ValueError(f"training needs at least 2 training slices, the dataset has {len(ids)}")
-    if isinstance(images_per_step, bool) or not isinstance(images_per_step, int) or images_per_step < 2:
-        raise ValueError(f"images_per_step must be an integer >= 2, got {images_per_step!r}")
+    _check_dataset(dataset)
+    D = check_odd("disp_range", disp_range)
+    num_pairs = check_int("num_pairs", num_pairs, minimum=1)
+    ids = _training_ids(dataset, train_ids)
+    seed, images_per_step, lr, diffusion_weight, threads = _check_training(
+        seed, images_per_step, lr, diffusion_weight, threads)
     defaults = pipeline_defaults()
-    alpha = defaults["alpha"] if alpha is None else alpha
-    border = defaults["border"] if border is None else border
+    alpha = check_number("alpha", defaults["alpha"] if alpha is None else alpha, 0, strict_minimum=True)
+    border = check_choice("border", defaults["border"] if border is None else border, ("replicate", "zeros"))
     prealign = defaults["prealign"] if prealign == "default" else prealign
+    check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
     unknown = sorted(set(reg) - set(REG_KEYS))
     if unknown:
         raise TypeError(f"train_features() got unexpected keyword arguments {unknown}")
     reg = {**defaults["reg"], **reg}
-    if not lr > 0 or not alpha > 0 or diffusion_weight < 0:
-        raise ValueError(f"lr and alpha must be > 0 and diffusion_weight >= 0, got {lr}, {alpha}, {diffusion_weight}")
+    _check_reg(*(reg[key] for key in ("min_kernel", "avg_kernel", "meanfield_kernel", "meanfield_iterations",
+                                      "meanfield_passes")))
     device = choose_device(str(device)) if device is not None else choose_device()
     n = min(images_per_step, len(ids))
     pairs_per_step = n * (n - 1)
@@ -875,6 +916,8 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
     if register is not None and not callable(register):
         raise ValueError(f"register must be a callable (image_fixed, image_moving) -> displacement, "
                          f"got {type(register).__name__}")
+    _check_dataset(dataset)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     pairs = list(dataset.test_pairs() if pairs is None else pairs)
     if register is None and isinstance(features, nn.Module):
         features.eval()
@@ -920,57 +963,153 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
 
 # =========================================================================== the 2019 loop
 
+TRAIN_DEFAULTS_2019: dict = {
+    **DEFAULTS_2019,
+    "disp_range": 9,
+    "label_downsampling": "bilinear",
+    "num_pairs": 50,
+    "lr": 2.5e-4,
+    "accumulate": 4,
+}
+"""The complete 2019 training loop (:func:`loss_2019`, :func:`train_features_2019`).
 
-def _regularise_2019(ssd: torch.Tensor, disp_range: int) -> torch.Tensor:
-    """The 2019 regulariser exactly as on the slides (pooling modules, [1, D*D, h, w] only)."""
+The registration part is :data:`~tutorial_utils.registration.DEFAULTS_2019` itself (zero
+padding of the unfold correlation, the raw SSD, the slides' min-convolution and mean field,
+``softmax(-10 * cost)``; its ``upsample_mode`` is not used by the loss, and ``prealign`` /
+``refine_range`` must stay "none" / None: the loop trains on the slices as they are), plus:
+
+* ``disp_range=9``: D x D = 9 x 9 displacements (+-4 feature pixels);
+* ``label_downsampling="bilinear"``: the one-hot labels of both images are bilinearly
+  downsampled to 1/4 (``F.interpolate``, ``align_corners=False``); the moving ones are then
+  unfolded over the same D x D window (zero padding) and weighted with the probabilities;
+  the loss is the mean over the pixels of the squared difference summed over the labels;
+* ``num_pairs=50`` random training pairs, one at a time; Adam with ``lr=2.5e-4``; the
+  gradient accumulated over ``accumulate=4`` pairs.
+"""
+
+_LOOP_KEYS_2019 = ("num_pairs", "lr", "accumulate")
+
+
+def _settings_2019(settings: dict | None = None, **overrides) -> dict:
+    """:data:`TRAIN_DEFAULTS_2019`, updated by ``settings`` and then by the ``overrides`` that are not None."""
+    resolved = dict(TRAIN_DEFAULTS_2019)
+    if settings is not None:
+        unknown = sorted(set(settings) - set(TRAIN_DEFAULTS_2019))
+        if unknown:
+            raise ValueError(f"unknown settings of the 2019 loop: {unknown}; known: {sorted(TRAIN_DEFAULTS_2019)}")
+        resolved.update(settings)
+    resolved.update({key: value for key, value in overrides.items() if value is not None})
+    D = _odd("disp_range", resolved["disp_range"])
+    for name in ("min_kernel", "avg_kernel", "meanfield_kernel"):
+        _odd(name, resolved[name])
+    for name in ("meanfield_iterations", "meanfield_passes"):
+        if isinstance(resolved[name], bool) or not isinstance(resolved[name], int) or resolved[name] < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {resolved[name]!r}")
+    if not resolved["alpha"] > 0:
+        raise ValueError(f"alpha must be > 0, got {resolved['alpha']!r}")
+    choices = {"min_order": ("first", "last"), "border": ("zeros", "replicate"),
+               "label_downsampling": ("bilinear", "area")}
+    for name, allowed in choices.items():
+        if resolved[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {resolved[name]!r}")
+    if resolved["prealign"] not in (None, "none") or resolved["refine_range"] is not None:
+        raise ValueError("the 2019 loop trains on the slices as they are: prealign must be 'none' and "
+                         f"refine_range None, got {resolved['prealign']!r} and {resolved['refine_range']!r}")
+    resolved["disp_range"] = D
+    return resolved
+
+
+def _regularise_2019(ssd: torch.Tensor, disp_range: int, settings: dict | None = None) -> torch.Tensor:
+    """The 2019 regulariser as on the slides (pooling modules, [1, D*D, h, w] only).
+
+    With the kernels of ``settings`` (default :data:`TRAIN_DEFAULTS_2019`: ``minconv =
+    Sequential(ReplicationPad2d(5), AvgPool2d(5), AvgPool2d(5), MaxPool2d(3))`` applied as
+    ``-minconv(-cost)`` over the D x D displacements, then ``meanfield =
+    Sequential(ReplicationPad2d(6), AvgPool2d(5) x 3)`` over the pixels)."""
+    s = TRAIN_DEFAULTS_2019 if settings is None else settings
     D = disp_range
     _, _, h, w = ssd.shape
-    pad1, pad2 = nn.ReplicationPad2d(5), nn.ReplicationPad2d(6)
-    avg1, max1 = nn.AvgPool2d(5, stride=1), nn.MaxPool2d(3, stride=1)
-    minconv = nn.Sequential(pad1, avg1, avg1, max1)
-    meanfield = nn.Sequential(pad2, avg1, avg1, avg1)
-    ssd_minconv = -minconv(-ssd.permute(0, 2, 3, 1).reshape(1, -1, D, D))  # [1, h*w, D, D]
-    return meanfield(ssd_minconv.permute(0, 2, 3, 1).reshape(1, -1, h, w))  # [1, D*D, h, w]
+    min_kernel, avg_kernel, passes, kernel = (s["min_kernel"], s["avg_kernel"], s["meanfield_passes"],
+                                              s["meanfield_kernel"])
+    pad1 = nn.ReplicationPad2d(((min_kernel - 1) + 2 * (avg_kernel - 1)) // 2)
+    pad2 = nn.ReplicationPad2d(passes * (kernel - 1) // 2)
+    avg1, max1 = nn.AvgPool2d(avg_kernel, stride=1), nn.MaxPool2d(min_kernel, stride=1)
+    pools = [avg1, avg1, max1] if s["min_order"] == "last" else [max1, avg1, avg1]
+    minconv = nn.Sequential(pad1, *pools)
+    meanfield = nn.Sequential(pad2, *[nn.AvgPool2d(kernel, stride=1)] * passes)
+    cost = ssd
+    for _ in range(s["meanfield_iterations"]):
+        ssd_minconv = -minconv(-cost.permute(0, 2, 3, 1).reshape(1, -1, D, D))  # [1, h*w, D, D]
+        cost = meanfield(ssd_minconv.permute(0, 2, 3, 1).reshape(1, -1, h, w))  # [1, D*D, h, w]
+    return cost
 
 
 def loss_2019(model: nn.Module, image_fixed: torch.Tensor, image_moving: torch.Tensor, labels_fixed: torch.Tensor,
-              labels_moving: torch.Tensor, num_labels: int, disp_range: int = 9, alpha: float = 10.0) -> torch.Tensor:
+              labels_moving: torch.Tensor, num_labels: int, disp_range: int | None = None,
+              alpha: float | None = None, *, settings: dict | None = None) -> torch.Tensor:
     """One pair's loss as the 2019 notebook computed it (for comparison and the benchmark).
 
-    The CNN once per image (batch 1), the unfold correlation layer, the slides' regulariser,
-    ``softmax(-alpha * cost)`` (no normalisation), one-hot labels downsampled bilinearly,
-    the moving ones unfolded over the D x D window, the squared difference summed over the
-    labels and averaged over the pixels. Images [1, 1, H, W], labels [1, H, W].
+    The CNN once per image (batch 1), the unfold correlation layer (zero padding), the raw
+    SSD, the slides' regulariser, ``softmax(-alpha * cost)``, one-hot labels downsampled
+    bilinearly to 1/4, the moving ones unfolded over the D x D window (zero padding), the
+    squared difference summed over the labels and averaged over the pixels. Images
+    [1, 1, H, W], labels [1, H, W].
+
+    Every setting comes from :data:`TRAIN_DEFAULTS_2019` (which holds
+    :data:`~tutorial_utils.registration.DEFAULTS_2019`), updated by ``settings`` (a dict
+    with some of its keys) and then by ``disp_range`` / ``alpha`` when they are given.
     """
-    D = disp_range
+    s = _settings_2019(settings, disp_range=disp_range, alpha=alpha)
+    D = s["disp_range"]
+    r = (D - 1) // 2
     feat_fixed = model(image_fixed)  # [1, C, h, w]
     feat_moving = model(image_moving)
     h, w = feat_fixed.shape[-2:]
-    ssd = correlation_unfold(feat_fixed, feat_moving, D)  # [1, D*D, h, w]
-    soft_cost = torch.softmax(-alpha * _regularise_2019(ssd, D), dim=1)  # [1, D*D, h, w]
+    if s["border"] == "zeros":  # the layer's own zero padding, as in 2019
+        ssd = correlation_unfold(feat_fixed, feat_moving, D)  # [1, D*D, h, w]
+    else:  # the moving features continued with their edge values (as register_images' "replicate")
+        padded = [F.pad(f, (r,) * 4, mode="replicate") for f in (feat_fixed, feat_moving)]
+        ssd = correlation_unfold(*padded, D)[..., r:r + h, r:r + w]
+    if s["normalise"]:
+        ssd = normalise_cost(ssd)
+    soft_cost = torch.softmax(-s["alpha"] * _regularise_2019(ssd, D, s), dim=1)  # [1, D*D, h, w]
 
     def onehot_low(labels):  # [1, H, W] -> [1, L, h, w]
-        onehot = F.one_hot(labels, num_labels).permute(0, 3, 1, 2).float()
+        onehot = F.one_hot(labels.long(), num_labels).permute(0, 3, 1, 2).to(soft_cost.dtype)
+        if s["label_downsampling"] == "area":
+            return F.interpolate(onehot, size=(h, w), mode="area")
         return F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)
 
-    moving_unfold = F.unfold(onehot_low(labels_moving), (D, D), padding=(D - 1) // 2)
+    moving_unfold = F.unfold(onehot_low(labels_moving), (D, D), padding=r)  # zero padding
     moving_unfold = moving_unfold.view(1, num_labels, D * D, h * w)
     warped = (moving_unfold * soft_cost.view(1, 1, D * D, h * w)).sum(2).view(1, num_labels, h, w)
     return ((warped - onehot_low(labels_fixed)) ** 2).sum(1).mean()
 
 
-def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int = 9, seed: int = 0,
+def train_features_2019(dataset: Dataset, num_pairs: int | None = None, disp_range: int | None = None, seed: int = 0,
                         device: str | torch.device | None = None, progress: bool = True, *,
-                        model: nn.Module | None = None, lr: float = 2.5e-4,
-                        accumulate: int = 4, threads: int | None = None) -> tuple[nn.Module, LossHistory]:
+                        model: nn.Module | None = None, lr: float | None = None,
+                        accumulate: int | None = None, threads: int | None = None,
+                        settings: dict | None = None) -> tuple[nn.Module, LossHistory]:
     """The 2019 training loop: one random training pair at a time, Adam (lr 2.5e-4), the
-    gradient accumulated over ``accumulate`` pairs, :func:`loss_2019`. Kept as the baseline
+    gradient accumulated over ``accumulate`` (4) pairs, :func:`loss_2019`. Kept as the baseline
     of ``python -m tutorial_utils.benchmark training``. On the CPU, denormals are flushed and
     ``threads`` threads used (default 1) as in :func:`train_features`, so that a comparison
     measures the loops and not these settings.
-    Returns ``(model, history)`` with one loss per pair."""
+
+    The settings (``num_pairs``, ``disp_range``, ``lr``, ``accumulate`` and the pipeline) are
+    those of :data:`TRAIN_DEFAULTS_2019`, updated by ``settings`` and then by the arguments
+    that are given (not None). Returns ``(model, history)`` with one loss per pair."""
     from tqdm.auto import tqdm
 
+    s = _settings_2019(settings, num_pairs=num_pairs, disp_range=disp_range, lr=lr, accumulate=accumulate)
+    num_pairs, lr, accumulate = (s[key] for key in _LOOP_KEYS_2019)
+    for name, value in (("num_pairs", num_pairs), ("accumulate", accumulate)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    loss_settings = {key: value for key, value in s.items() if key not in _LOOP_KEYS_2019}
     device = choose_device(str(device)) if device is not None else choose_device()
     ids = list(dataset.train_ids)
     if len(ids) < 2:
@@ -982,15 +1121,14 @@ def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int =
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
         history = LossHistory()
         history.pairs_per_step = 1
-        history.settings = {"num_pairs": num_pairs, "disp_range": disp_range, "seed": seed, "lr": lr,
-                            "accumulate": accumulate, "device": str(device)}
+        history.settings = {**s, "seed": seed, "device": str(device)}
         start = time.perf_counter()
         with _cpu_settings(device, threads):
             for step in tqdm(range(num_pairs), disable=not progress, desc="training (2019 loop)", unit="pairs"):
                 f, m = (ids[int(i)] for i in torch.randperm(len(ids), generator=generator)[:2])
                 loss = loss_2019(model, dataset.images[f:f + 1].to(device), dataset.images[m:m + 1].to(device),
                                  dataset.labels[f:f + 1].to(device), dataset.labels[m:m + 1].to(device),
-                                 dataset.num_labels, disp_range)
+                                 dataset.num_labels, settings=loss_settings)
                 (loss / accumulate).backward()
                 if (step + 1) % accumulate == 0 or step + 1 == num_pairs:
                     optimiser.step()
@@ -1001,6 +1139,19 @@ def train_features_2019(dataset: Dataset, num_pairs: int = 50, disp_range: int =
         history.seconds = time.perf_counter() - start
         history.pairs = num_pairs
     return model.eval(), history
+
+
+def train_features_settings_2019() -> dict:
+    """Keyword arguments that give :func:`train_features` the 2019 settings it can take.
+
+    ``alpha``, ``border``, ``prealign`` and the kernels of :data:`TRAIN_DEFAULTS_2019`: the
+    same work per pair as :func:`train_features_2019` (the like-for-like speed comparison of
+    the training benchmark). Not the same numbers: :func:`train_features` always divides the
+    cost by its mean, min-pools before the average pools (``regularise_fast``) and pools the
+    one-hot labels by area; :func:`train_features_2019` is the 2019 loop itself.
+    """
+    s = TRAIN_DEFAULTS_2019
+    return {"alpha": s["alpha"], "border": s["border"], "prealign": s["prealign"], **{key: s[key] for key in REG_KEYS}}
 
 
 # =========================================================================== saving and loading
@@ -1042,18 +1193,43 @@ def load_state_dict(model: nn.Module, path: str | Path, device: str | torch.devi
 # =========================================================================== command line
 
 
+# argparse types: a bad value gets argparse's usage line, the check's message and exit status 2
+positive_int = argument_type(check_int, minimum=1)
+"""An integer >= 1 on the command line (``type=positive_int``)."""
+non_negative_int = argument_type(check_int, minimum=0)
+"""An integer >= 0 on the command line."""
+odd_int = argument_type(check_odd)
+"""An odd integer >= 1 on the command line (a window such as ``--disp-range``)."""
+positive_float = argument_type(check_number, float, minimum=0, strict_minimum=True)
+"""A finite number > 0 on the command line."""
+non_negative_float = argument_type(check_number, float, minimum=0)
+"""A finite number >= 0 on the command line."""
+
+
+def device_name(text: str) -> str:
+    """A device on the command line ("cpu", "cuda", "cuda:1"), checked with ``choose_device``."""
+    try:
+        choose_device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tutorial_utils.train",
         description="Train the feature CNN with the non-local label loss and save its state_dict.")
-    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help=f"training pairs (default {DEFAULT_PAIRS})")
+    parser.add_argument("--pairs", type=positive_int, default=DEFAULT_PAIRS,
+                        help=f"training pairs (default {DEFAULT_PAIRS})")
     parser.add_argument("--out", type=Path, required=True, help="where to write the state_dict (.pt)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
-    parser.add_argument("--disp-range", type=int, default=DEFAULTS["disp_range"], help="D (default 9)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--images-per-step", type=int, default=DEFAULTS["images_per_step"],
+    parser.add_argument("--disp-range", type=odd_int, default=DEFAULTS["disp_range"], help="D, odd (default 9)")
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                        help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
+                        default=DEFAULTS["images_per_step"],
                         help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
-    parser.add_argument("--diffusion-weight", type=float, default=DEFAULTS["diffusion_weight"],
+    parser.add_argument("--diffusion-weight", type=non_negative_float, default=DEFAULTS["diffusion_weight"],
                         help="weight of the diffusion penalty (default 0)")
     parser.add_argument("--label-weights", choices=["none", "balanced"],
                         default="none" if DEFAULTS["label_weights"] is None else DEFAULTS["label_weights"],
@@ -1064,11 +1240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every training command shares: device, data, threads, evaluation, progress bar."""
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--source", choices=["auto", "tcia", "synthetic"], default=None,
                         help="data: the real slices, the phantom, or auto (default: $L2R_DATA_SOURCE, else auto)")
-    parser.add_argument("--data-seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--data-seed", type=non_negative_int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for training (default 1) and evaluation (default: torch's)")
     parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1077,7 +1253,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import load_dataset
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out.is_dir():
+        parser.error(f"--out must be a file to write, but {args.out} is a folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # evaluation; training is told below
     dataset = load_dataset(source=args.source, seed=args.data_seed)

@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import (
+    check_choice,
+    check_displacement,
+    check_finite,
+    check_int,
+    check_labels,
+    check_same,
+    check_tensor,
+    describe,
+)
+
 __all__ = [
     "identity_grid",
     "warp",
@@ -29,18 +40,39 @@ __all__ = [
 ]
 
 
-def _check_displacement(displacement: torch.Tensor, name: str = "displacement") -> None:
-    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 4 or displacement.shape[1] != 2:
-        shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
-        raise ValueError(f"{name} must be [B, 2, H, W] with channels (dy, dx), got {shape}")
-    if not displacement.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {displacement.dtype}")
+def _check_size(size: object, ndim: int) -> tuple[int, ...]:
+    """``size`` as ``ndim`` positive Python ints ((H, W) or (Z, Y, X))."""
+    names = "(H, W)" if ndim == 2 else "(Z, Y, X)"
+    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != ndim:
+        raise ValueError(f"size must be {'two' if ndim == 2 else 'three'} positive integers {names}, got {size!r}")
+    return tuple(check_int("size", s, minimum=1) for s in size)
+
+
+def _check_warp_inputs(moving: torch.Tensor, displacement: torch.Tensor, ndim: int) -> None:
+    """``moving`` [B, C, *spatial] and ``displacement`` [1 or B, ndim, *spatial]: floating point, finite, one device."""
+    spatial = "H, W" if ndim == 2 else "Z, Y, X"
+    check_tensor("moving", moving, dims=ndim + 2, layout=f"[B, C, {spatial}]")
+    if not moving.is_floating_point():  # .float() would blend label values: say what to use instead
+        labels = "warp_labels" if ndim == 2 else "warp_labels3d"
+        raise ValueError(f"moving must be floating point (use {labels} for label maps), got {describe(moving)}")
+    check_displacement("displacement", displacement, ndim=ndim, finite=False)
+    check_same("moving", moving, "displacement", displacement, device=True)
+    check_finite("moving", moving)  # after the device check: a NaN test cannot run on "meta"
+    check_finite("displacement", displacement)
+    if displacement.shape[2:] != moving.shape[2:]:
+        upsample = "upsample_displacement" if ndim == 2 else "upsample_displacement3d"
+        raise ValueError(f"displacement is {tuple(displacement.shape[2:])} but moving is {tuple(moving.shape[2:])}: "
+                         f"upsample the displacement first ({upsample})")
+    if displacement.shape[0] not in (1, moving.shape[0]):
+        raise ValueError(f"displacement batch {displacement.shape[0]} does not match moving batch {moving.shape[0]} "
+                         f"(it must be equal, or 1 to share one field)")
 
 
 def identity_grid(
     height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Pixel coordinates [1, 2, H, W]: channel 0 is y (row), channel 1 is x (column)."""
+    height, width = check_int("height", height, minimum=1), check_int("width", width, minimum=1)
     ys = torch.arange(height, device=device, dtype=dtype)
     xs = torch.arange(width, device=device, dtype=dtype)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -65,21 +97,10 @@ def warp(
     Returns:
         [B, C, H, W], same dtype and device as ``moving``. Differentiable in both inputs.
     """
-    if not isinstance(moving, torch.Tensor) or moving.dim() != 4:
-        raise ValueError(f"moving must be [B, C, H, W], got {getattr(moving, 'shape', moving)}")
-    if not moving.is_floating_point():
-        raise ValueError(f"moving must be floating point (use warp_labels for label maps), got {moving.dtype}")
-    _check_displacement(displacement)
+    _check_warp_inputs(moving, displacement, ndim=2)
+    check_choice("mode", mode, ("bilinear", "nearest", "bicubic"))
+    check_choice("padding_mode", padding_mode, ("border", "zeros", "reflection"))
     B, _, H, W = moving.shape
-    if displacement.shape[-2:] != (H, W):
-        raise ValueError(
-            f"displacement is {tuple(displacement.shape[-2:])} but moving is {(H, W)}: "
-            "upsample the displacement first (upsample_displacement)"
-        )
-    if displacement.shape[0] not in (1, B):
-        raise ValueError(f"displacement batch {displacement.shape[0]} does not match moving batch {B}")
-    if mode not in ("bilinear", "nearest", "bicubic"):
-        raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
     displacement = displacement.to(moving.dtype)
     coords = identity_grid(H, W, moving.device, moving.dtype) + displacement  # [B, 2, H, W] (y, x)
     # grid_sample wants [B, H, W, 2] with (x, y) in [-1, 1] (align_corners=True: -1 and 1 are pixel centres)
@@ -89,18 +110,6 @@ def warp(
     if grid.shape[0] != B:
         grid = grid.expand(B, -1, -1, -1)
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
-def _check_labels(labels: torch.Tensor, num_labels: int, layout: str) -> None:
-    """Integer label maps with values 0..num_labels-1 and one dimension per name in ``layout``."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != layout.count(",") + 1:
-        raise ValueError(f"labels must be {layout} integers, got {getattr(labels, 'shape', labels)}")
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if num_labels < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-        raise ValueError(f"labels hold values outside 0..{num_labels - 1}")
 
 
 def warp_labels(
@@ -115,13 +124,15 @@ def warp_labels(
     Returns:
         int64 [B, H, W] with values in 0..num_labels-1.
     """
-    _check_labels(labels, num_labels, "[B, H, W]")
-    dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
+    num_labels = check_int("num_labels", num_labels, minimum=1)
+    check_labels("labels", labels, dims=3, num_labels=num_labels)
+    check_displacement("displacement", displacement, finite=False)
+    check_same("labels", labels, "displacement", displacement, device=True)
+    check_choice("mode", mode, ("bilinear", "nearest"))
+    dtype = displacement.dtype
     if mode == "nearest":
         warped = warp(labels[:, None].to(dtype), displacement, mode="nearest")  # [B, 1, H, W]
         return warped[:, 0].round().long()
-    if mode != "bilinear":
-        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     one_hot = F.one_hot(labels.long(), num_labels).permute(0, 3, 1, 2).to(dtype)  # [B, L, H, W]
     return warp(one_hot, displacement, mode="bilinear").argmax(dim=1)  # [B, H, W]
 
@@ -143,12 +154,9 @@ def upsample_displacement(
     Returns:
         [B, 2, H, W] (dy, dx) in image pixels.
     """
-    _check_displacement(displacement)
-    H, W = (int(s) for s in size)
-    if H < 1 or W < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    if mode not in ("bilinear", "bicubic", "nearest"):
-        raise ValueError(f"mode must be 'bilinear', 'bicubic' or 'nearest', got {mode!r}")
+    check_displacement("displacement", displacement)
+    H, W = _check_size(size, 2)
+    check_choice("mode", mode, ("bilinear", "bicubic", "nearest"))
     h, w = displacement.shape[-2:]
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     resized = F.interpolate(displacement, size=(H, W), mode=mode, **kwargs)
@@ -162,10 +170,11 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Te
     ``warp(warp(m, first), second) ~= warp(m, compose_displacements(first, second))``, i.e.
     ``u(y) = second(y) + first(y + second(y))``. Both [B, 2, H, W] in pixels.
     """
-    _check_displacement(first, "first")
-    _check_displacement(second, "second")
-    if first.shape[-2:] != second.shape[-2:]:
-        raise ValueError(f"fields must have the same size, got {tuple(first.shape)} and {tuple(second.shape)}")
+    check_displacement("first", first, finite=False)
+    check_displacement("second", second, finite=False)
+    check_same("first", first, "second", second, spatial=2, device=True)
+    check_finite("first", first)
+    check_finite("second", second)
     return second + warp(first, second, mode="bilinear", padding_mode="border")
 
 
@@ -179,11 +188,12 @@ def affine_displacement(
     ``center`` (default: the image centre); the displacement is that position minus ``p``.
     Rows and columns are in (y, x) order.
     """
+    check_tensor("matrix", matrix, dims=(2, 3), layout="[B, 2, 3] or [2, 3]", finite=True)
     if matrix.dim() == 2:
         matrix = matrix[None]
-    if matrix.dim() != 3 or matrix.shape[1:] != (2, 3):
+    if matrix.shape[1:] != (2, 3):
         raise ValueError(f"matrix must be [B, 2, 3] or [2, 3], got {tuple(matrix.shape)}")
-    H, W = size
+    H, W = _check_size(size, 2)
     if center is None:
         center = ((H - 1) / 2, (W - 1) / 2)
     dtype = matrix.dtype if matrix.is_floating_point() else torch.float32
@@ -196,9 +206,8 @@ def affine_displacement(
 
 def translation_displacement(shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A constant displacement [B, 2, H, W] from ``shift`` [B, 2] (dy, dx) in pixels."""
-    if shift.dim() != 2 or shift.shape[1] != 2:
-        raise ValueError(f"shift must be [B, 2] (dy, dx), got {tuple(shift.shape)}")
-    H, W = size
+    check_tensor("shift", shift, dims=2, layout="[B, 2] (dy, dx)", channels=2, finite=True)
+    H, W = _check_size(size, 2)
     return shift[:, :, None, None].expand(-1, -1, H, W).contiguous()
 
 
@@ -208,18 +217,12 @@ def translation_displacement(shift: torch.Tensor, size: tuple[int, int]) -> torc
 # ``warped[z, y, x] = moving[z + dz, y + dy, x + dx]``; voxel centres at integer coordinates.
 
 
-def _check_displacement3d(displacement: torch.Tensor, name: str = "displacement") -> None:
-    if not isinstance(displacement, torch.Tensor) or displacement.dim() != 5 or displacement.shape[1] != 3:
-        shape = tuple(displacement.shape) if isinstance(displacement, torch.Tensor) else type(displacement).__name__
-        raise ValueError(f"{name} must be [B, 3, Z, Y, X] with channels (dz, dy, dx), got {shape}")
-    if not displacement.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {displacement.dtype}")
-
-
 def identity_grid3d(
     depth: int, height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Voxel coordinates [1, 3, Z, Y, X]: channels z (slice), y (row), x (column)."""
+    depth, height, width = (check_int(name, n, minimum=1) for name, n in
+                            (("depth", depth), ("height", height), ("width", width)))
     axes = [torch.arange(n, device=device, dtype=dtype) for n in (depth, height, width)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
@@ -238,19 +241,10 @@ def warp3d(
     Returns:
         [B, C, Z, Y, X], same dtype and device as ``moving``. Differentiable in both inputs.
     """
-    if not isinstance(moving, torch.Tensor) or moving.dim() != 5:
-        raise ValueError(f"moving must be [B, C, Z, Y, X], got {getattr(moving, 'shape', moving)}")
-    if not moving.is_floating_point():
-        raise ValueError(f"moving must be floating point (use warp_labels3d for label volumes), got {moving.dtype}")
-    _check_displacement3d(displacement)
+    _check_warp_inputs(moving, displacement, ndim=3)
+    check_choice("mode", mode, ("trilinear", "bilinear", "nearest"))
+    check_choice("padding_mode", padding_mode, ("border", "zeros", "reflection"))
     B, _, Z, Y, X = moving.shape
-    if displacement.shape[-3:] != (Z, Y, X):
-        raise ValueError(f"displacement is {tuple(displacement.shape[-3:])} but moving is {(Z, Y, X)}: "
-                         "upsample the displacement first (upsample_displacement3d)")
-    if displacement.shape[0] not in (1, B):
-        raise ValueError(f"displacement batch {displacement.shape[0]} does not match moving batch {B}")
-    if mode not in ("trilinear", "bilinear", "nearest"):
-        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
     coords = identity_grid3d(Z, Y, X, moving.device, moving.dtype) + displacement.to(moving.dtype)
     # grid_sample wants [B, Z, Y, X, 3] with (x, y, z) in [-1, 1] (align_corners=True: voxel centres)
     norm = [2 * coords[:, a] / max(n - 1, 1) - 1 for a, n in enumerate((Z, Y, X))]
@@ -272,12 +266,14 @@ def warp_labels3d(
     Returns:
         int64 [B, Z, Y, X] with values in 0..num_labels-1.
     """
-    _check_labels(labels, num_labels, "[B, Z, Y, X]")
-    dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
+    num_labels = check_int("num_labels", num_labels, minimum=1)
+    check_labels("labels", labels, dims=4, num_labels=num_labels)
+    check_displacement("displacement", displacement, ndim=3, finite=False)
+    check_same("labels", labels, "displacement", displacement, device=True)
+    check_choice("mode", mode, ("trilinear", "bilinear", "nearest"))
+    dtype = displacement.dtype
     if mode == "nearest":
         return warp3d(labels[:, None].to(dtype), displacement, mode="nearest")[:, 0].round().long()
-    if mode not in ("trilinear", "bilinear"):
-        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
     one_hot = F.one_hot(labels.long(), num_labels).permute(0, 4, 1, 2, 3).to(dtype)  # [B, L, Z, Y, X]
     return warp3d(one_hot, displacement).argmax(dim=1)
 
@@ -297,12 +293,9 @@ def upsample_displacement3d(
     Returns:
         [B, 3, Z, Y, X] (dz, dy, dx) in voxels of the volume.
     """
-    _check_displacement3d(displacement)
-    size = tuple(int(s) for s in size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"size must be three positive integers (Z, Y, X), got {size}")
-    if mode not in ("trilinear", "nearest"):
-        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+    check_displacement("displacement", displacement, ndim=3)
+    size = _check_size(size, 3)
+    check_choice("mode", mode, ("trilinear", "nearest"))
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     resized = F.interpolate(displacement, size=size, mode=mode, **kwargs)
     scale = torch.tensor([n / m for n, m in zip(size, displacement.shape[-3:])],
@@ -324,13 +317,12 @@ def interpolate_control_field3d(
     Returns:
         [B, C, d, h, w]; at the control points exactly ``field``.
     """
-    if not isinstance(field, torch.Tensor) or field.dim() != 5 or not field.is_floating_point():
-        raise ValueError(f"field must be a floating point tensor [B, C, gz, gy, gx], got {getattr(field, 'shape', field)}")
-    if isinstance(grid_step, bool) or not isinstance(grid_step, int) or grid_step < 1:
-        raise ValueError(f"grid_step must be a positive integer, got {grid_step!r}")
-    size = tuple(int(s) for s in size)
-    if len(size) != 3 or len(first) != 3:
-        raise ValueError(f"size and first must have three entries (z, y, x), got {size} and {first}")
+    check_tensor("field", field, dims=5, layout="[B, C, gz, gy, gx]", floating=True, finite=True)
+    grid_step = check_int("grid_step", grid_step, minimum=1)
+    size = _check_size(size, 3)
+    if len(first) != 3:
+        raise ValueError(f"first must have three entries (z, y, x), got {first}")
+    first = tuple(check_int("first", f, minimum=0) for f in first)
     B = field.shape[0]
     norm = []
     for n, count, start in zip(size, field.shape[-3:], first):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import metrics, plotting, registration, transform
+from .checks import check_int, check_number, check_odd
 
 __all__ = [
     "DEFAULT_PARAMETERS",
@@ -64,23 +65,18 @@ def validate_parameters(
     meanfield_iterations: int,
     alpha: float,
 ) -> None:
-    """Raise ``ValueError`` (saying what was expected) for hyper-parameters that make no sense.
+    """Raise for hyper-parameters that make no sense, saying what was expected (the shared checks).
 
     ``disp_range`` must be an odd integer >= 3; the kernel sizes odd integers >= 1;
-    ``meanfield_iterations`` an integer >= 0; ``alpha`` a finite number > 0.
+    ``meanfield_iterations`` an integer >= 0; ``alpha`` a finite number > 0 (numpy numbers
+    are accepted). A value out of range raises ``ValueError``; a value of the wrong kind (a
+    float or bool where an integer belongs, a string) raises ``TypeError``.
     """
-    if not _is_int(disp_range) or disp_range < 3 or disp_range % 2 == 0:
-        raise ValueError(f"disp_range must be an odd integer >= 3, got {disp_range!r}")
-    kernels = {"min_kernel": min_kernel, "avg_kernel": avg_kernel, "meanfield_kernel": meanfield_kernel}
-    for name, size in kernels.items():
-        if not _is_int(size) or size < 1 or size % 2 == 0:
-            raise ValueError(f"{name} must be an odd integer >= 1 (a centred kernel), got {size!r}")
-    if not _is_int(meanfield_iterations) or meanfield_iterations < 0:
-        raise ValueError(f"meanfield_iterations must be an integer >= 0, got {meanfield_iterations!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-    if not math.isfinite(float(alpha)) or float(alpha) <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    check_odd("disp_range", disp_range, minimum=3)
+    for name, size in (("min_kernel", min_kernel), ("avg_kernel", avg_kernel), ("meanfield_kernel", meanfield_kernel)):
+        check_odd(name, size)
+    check_int("meanfield_iterations", meanfield_iterations, minimum=0)
+    check_number("alpha", alpha, 0, strict_minimum=True)
 
 
 @dataclass(frozen=True)
