@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tutorial_utils"
 LAYERS = [
     {"checks"},
     {"environment", "correlation", "regularisation", "transform", "metrics", "features", "models", "phantom"},
-    {"registration", "instance", "data", "plotting"},
-    {"train", "continuous", "widgets"},
+    {"registration", "instance", "data", "plotting", "scans"},
+    {"train", "continuous", "widgets", "register"},
     {"benchmark", "exercises"},
 ]
 """Lowest first, as in CONTRIBUTING.md."""
