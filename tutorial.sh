@@ -8,9 +8,10 @@
 #   ./tutorial.sh setup        set up only
 #
 # Environment: L2R_VENV (default .venv), TORCH_SPEC (default torch==2.13.*; an already
-# installed torch is never replaced), L2R_DATA_DIR (data cache), L2R_QUICK=1 (shorter training);
+# installed torch is never replaced), L2R_EXTRAS (the package's extras, default dev; dev,compare adds
+# ANTs and elastix for notebook 06), L2R_DATA_DIR (data cache), L2R_QUICK=1 (shorter training);
 # torch's ATEN_CPU_CAPABILITY (default, avx2, avx512) and OMP_NUM_THREADS are honoured, e.g.
-# `ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 ./tutorial.sh test notebooks` (what CI runs second).
+# `ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 ./tutorial.sh test notebooks` (what CI runs second).
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-lab}
@@ -28,7 +29,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "$torch_spec"
 fi
 echo "== installing the tutorial package and its tools"
-python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+python -m pip install --quiet --disable-pip-version-check -e ".[${L2R_EXTRAS:-dev}]"
 
 case "$mode" in
   test)

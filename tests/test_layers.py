@@ -15,7 +15,7 @@ LAYERS = [
     {"checks"},
     {"environment", "correlation", "regularisation", "transform", "metrics", "features", "models", "phantom"},
     {"registration", "instance", "data", "plotting", "scans"},
-    {"train", "continuous", "widgets", "register"},
+    {"train", "continuous", "widgets", "register", "compare"},
     {"benchmark", "exercises"},
 ]
 """Lowest first, as in CONTRIBUTING.md."""

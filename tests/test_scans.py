@@ -19,6 +19,7 @@ from tutorial_utils.scans import (
     ScanError,
     axial_slice,
     check_same_grid,
+    dataset_from_folder,
     dataset_from_scans,
     displacement_to_mm,
     displacement_to_voxels,
@@ -29,6 +30,7 @@ from tutorial_utils.scans import (
     save_displacement,
     save_image,
     save_labels,
+    scan_files,
     slice_scan,
     window_intensities,
 )
@@ -201,6 +203,53 @@ def test_slices_and_a_dataset_from_scans():
     assert torch.equal(dataset.labels[1, :28, :37], labels[2, :28])
     assert dataset.label_names == ("background", "1", "2") and dataset.test_ids == (1,)
     assert pad_to_multiple(torch.ones(1, 5, 6), 4, dims=3).shape == (4, 8, 8)
+
+
+def labelled_folder(folder, count: int = 3, spacing_xyz=(0.8, 0.9, 2.5)):
+    """``count`` scans case_k.nii.gz with case_k_seg.nii.gz; in scan k, slice k % 4 has the largest labelled area."""
+    generator = np.random.default_rng(1)
+    volumes = []
+    for k in range(count):
+        hu = generator.uniform(-300, 400, SHAPE).astype(np.float32)  # [Z, Y, X]
+        labels = np.zeros(SHAPE, dtype=np.uint8)
+        labels[:, 0, 0] = 1
+        labels[k % SHAPE[0], :3, :4] = 2
+        write(folder / f"case_{k}.nii.gz", hu, lps_affine(spacing_xyz))
+        write(folder / f"case_{k}_seg.nii.gz", labels, lps_affine(spacing_xyz), dtype=np.uint8)
+        volumes.append((hu, labels))
+    return volumes
+
+
+def test_a_dataset_from_a_folder_takes_each_scans_most_labelled_slice(tmp_path):
+    volumes = labelled_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a scan")
+    assert [(a.name, b.name) for a, b in scan_files(tmp_path)] == [
+        (f"case_{k}.nii.gz", f"case_{k}_seg.nii.gz") for k in range(3)]
+    dataset = dataset_from_folder(tmp_path, num_test=1)
+    assert dataset.train_ids == (0, 1) and dataset.test_ids == (2,)
+    assert dataset.images.shape == (3, 1, 8, 8)  # [Y, X] = [6, 7] padded to multiples of 4
+    for k, (hu, labels) in enumerate(volumes):
+        low, high = DEFAULT_WINDOW
+        expected = np.clip((hu[k] - low) / (high - low), 0, 1)  # the window, by hand
+        np.testing.assert_allclose(dataset.images[k, 0, :6, :7].numpy(), expected, atol=1e-6)
+        assert torch.equal(dataset.labels[k, :6, :7], torch.from_numpy(labels[k].astype(np.int64)))
+    finer = dataset_from_folder(tmp_path, in_plane_spacing=0.45)  # x: 7 * 0.8 / 0.45 -> 12, y: 6 * 0.9 / 0.45 = 12
+    assert finer.images.shape == (3, 1, 12, 12) and finer.test_ids == ()
+
+
+def test_a_folder_with_a_scan_but_no_labels(tmp_path):
+    labelled_folder(tmp_path, count=2)
+    (tmp_path / "case_1_seg.nii.gz").rename(tmp_path / "case_1_mask.nii.gz")
+    with pytest.raises(ScanError, match="missing for case_1.nii.gz"):
+        scan_files(tmp_path)
+    with pytest.raises(ScanError, match="not a folder"):
+        scan_files(tmp_path / "case_0.nii.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScanError, match="holds no NIfTI scans"):
+        scan_files(tmp_path / "empty")
+    (tmp_path / "case_1_mask.nii.gz").rename(tmp_path / "case_1_seg.nii.gz")
+    with pytest.raises(ValueError, match="num_test must be"):
+        dataset_from_folder(tmp_path, num_test=2)
 
 
 # --------------------------------------------------------------------------- bad files

@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import math
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -424,6 +426,31 @@ def test_command_line_writes_a_loadable_state_dict(tmp_path, monkeypatch, capsys
     state = torch.load(out, weights_only=True)
     FeatureCNN().load_state_dict(state)
     assert load_features(out).training is False
+
+
+def test_command_line_trains_on_a_folder_of_scans(tmp_path, capsys):
+    from tutorial_utils.phantom import WINDOW_HU, make_phantom
+
+    images, labels = make_phantom(num_slices=4, seed=0, shape=(48, 64))  # uint8 [4, 48, 64] each
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    low, high = WINDOW_HU
+    for k in range(4):  # one-slice scans of 1.5 mm pixels, in HU
+        hu = low + images[k].float().numpy() * (high - low) / 255
+        for data, name in ((hu, f"case_{k}.nii.gz"), (labels[k].numpy(), f"case_{k}_seg.nii.gz")):
+            nib.save(nib.Nifti1Image(data.T[:, :, None].astype(np.float32), np.diag([-1.5, -1.5, 3.0, 1.0])),
+                     folder / name)
+    out = tmp_path / "own.pt"
+    assert main(["--scans", str(folder), "--test-scans", "2", "--evaluate", "--pairs", "2", "--images-per-step", "2",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "slices=4, size=48x64" in printed and "train=2, test=2" in printed and "test pairs: mean Dice" in printed
+    assert load_features(out).training is False
+    for argv, message in ((["--source", "synthetic"], "--scans and --source"), (["--evaluate"], "at least 2 held-out"),
+                          (["--test-scans", "4"], "num_test must be")):
+        with pytest.raises(SystemExit):
+            main(["--scans", str(folder), "--out", str(out), *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_training_benchmark_runs_and_formats(monkeypatch, phantom_cache):

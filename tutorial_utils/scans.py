@@ -35,7 +35,8 @@ from .data import Dataset
 from .phantom import WINDOW_HU
 
 __all__ = ["DEFAULT_WINDOW", "LPS", "Scan", "ScanError", "load_scan", "window_intensities", "check_same_grid",
-           "resample_scan", "resample_to", "slice_scan", "axial_slice", "dataset_from_scans", "pad_to_multiple",
+           "resample_scan", "resample_to", "slice_scan", "axial_slice", "dataset_from_scans", "dataset_from_folder",
+           "scan_files", "pad_to_multiple",
            "displacement_to_mm", "displacement_to_voxels", "save_image", "save_labels", "save_displacement"]
 
 DEFAULT_WINDOW: tuple[float, float] = WINDOW_HU
@@ -289,6 +290,52 @@ def dataset_from_scans(scans: Sequence[tuple[Scan, Scan]], index: int | str = "a
     test_ids = [check_int(f"test_ids[{k}]", i) for k, i in enumerate(test_ids)]
     train_ids = [i for i in range(len(images)) if i not in test_ids]
     return Dataset.from_arrays(images, labels, label_names, train_ids, test_ids, source="custom")
+
+
+LABELS_SUFFIX = "_seg"
+"""A scan ``NAME.nii.gz`` has its label map in ``NAME_seg.nii.gz`` beside it (:func:`scan_files`)."""
+
+
+def scan_files(folder: str | Path, labels_suffix: str = LABELS_SUFFIX) -> list[tuple[Path, Path]]:
+    """The (image, labels) files of a folder, sorted by name: every ``NAME.nii[.gz]`` with ``NAME_seg.nii[.gz]``.
+
+    An image without a label map is an error (it would silently be left out of training).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScanError(f"folder must be a folder of NIfTI files; got {str(folder)!r}, which is not a folder")
+    files = {path.name.removesuffix(".gz").removesuffix(".nii"): path for path in folder.iterdir()
+             if path.name.endswith((".nii", ".nii.gz"))}
+    images = sorted(name for name in files if not name.endswith(labels_suffix))
+    missing = [files[name].name for name in images if name + labels_suffix not in files]
+    if missing:
+        raise ScanError(f"every scan in {folder} needs its label map NAME{labels_suffix}.nii.gz beside it; "
+                        f"missing for {', '.join(missing)}")
+    if not images:
+        raise ScanError(f"{folder} holds no NIfTI scans (NAME.nii.gz with NAME{labels_suffix}.nii.gz)")
+    return [(files[name], files[name + labels_suffix]) for name in images]
+
+
+def dataset_from_folder(folder: str | Path, num_test: int = 0, in_plane_spacing: float | None = None,
+                        window: Window = DEFAULT_WINDOW, index: int | str = "auto") -> Dataset:
+    """:func:`dataset_from_scans` of every scan in ``folder`` (:func:`scan_files`); the last ``num_test`` are for testing.
+
+    ``in_plane_spacing`` (mm) resamples every scan and label map to that voxel size in x and y
+    first (the slices stay as they are; see :func:`resample_scan`): a pixel must mean the same
+    size in every training slice.
+    """
+    pairs = scan_files(folder)
+    num_test = check_int("num_test", num_test, minimum=0, maximum=len(pairs) - 1)
+    if in_plane_spacing is not None:
+        check_number("in_plane_spacing", in_plane_spacing, 0, strict_minimum=True)
+    scans = []
+    for image_path, labels_path in pairs:
+        image, labels = load_scan(image_path, window=window), load_scan(labels_path, kind="labels")
+        if in_plane_spacing is not None:
+            spacing = (image.spacing[0], in_plane_spacing, in_plane_spacing)
+            image, labels = resample_scan(image, spacing), resample_scan(labels, spacing)
+        scans.append((image, labels))
+    return dataset_from_scans(scans, index=index, test_ids=range(len(pairs) - num_test, len(pairs)))
 
 
 def displacement_to_mm(displacement: torch.Tensor, affine: np.ndarray) -> torch.Tensor:

@@ -1235,6 +1235,15 @@ def build_parser() -> argparse.ArgumentParser:
                         default="none" if DEFAULTS["label_weights"] is None else DEFAULTS["label_weights"],
                         help="weights of the labels in the loss (default: as in DEFAULTS)")
     add_run_arguments(parser)
+    own = parser.add_argument_group("your own labelled scans (instead of the tutorial's slices)")
+    own.add_argument("--scans", type=Path, default=None, metavar="FOLDER",
+                     help="train on one axial slice of each NIfTI scan NAME.nii.gz in FOLDER (the slice with the "
+                          "largest labelled area), with its label map NAME_seg.nii.gz beside it")
+    own.add_argument("--spacing", type=positive_float, default=None, metavar="MM",
+                     help="resample every scan to this in-plane voxel size first (default: as stored; give one "
+                          "when the scans' voxel sizes differ)")
+    own.add_argument("--test-scans", type=non_negative_int, default=0, metavar="N",
+                     help="hold out the last N scans (sorted by name) for --evaluate (default 0)")
     return parser
 
 
@@ -1259,7 +1268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out must be a file to write, but {args.out} is a folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # evaluation; training is told below
-    dataset = load_dataset(source=args.source, seed=args.data_seed)
+    if args.scans is None:
+        dataset = load_dataset(source=args.source, seed=args.data_seed)
+    else:
+        if args.source is not None:
+            parser.error("--scans and --source are two different data sets: give one of them")
+        if args.evaluate and args.test_scans < 2:
+            parser.error("--evaluate with --scans needs at least 2 held-out scans (--test-scans N)")
+        from .scans import ScanError, dataset_from_folder
+        try:
+            dataset = dataset_from_folder(args.scans, num_test=args.test_scans, in_plane_spacing=args.spacing)
+        except (ScanError, ValueError) as exc:
+            parser.error(f"--scans: {exc}")
     print(f"data: {dataset}")
     model, history = train_features(
         dataset, num_pairs=args.pairs, disp_range=args.disp_range, seed=args.seed, device=args.device,
