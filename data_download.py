@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tutorial_utils import data
+from tutorial_utils import data_files
 from tutorial_utils.checks import argument_type, check_int
 
 
@@ -33,24 +33,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dest must be a folder, but {args.dest} is a file")
 
     if not args.synthetic:
-        folder = data.find_tcia(args.dest)
+        folder = data_files.find_tcia(args.dest)
         if folder is None:
             try:
-                folder = data.download_tcia(args.dest, url=args.url)
-            except data.DataError as exc:
+                folder = data_files.download_tcia(args.dest, url=args.url)
+            except data_files.DataError as exc:
                 print(f"Real TCIA slices unavailable: {exc}", file=sys.stderr)
                 if args.no_fallback:
                     return 1
         if folder is not None:
             try:
-                data.read_slices(folder)
-            except data.DataError as exc:
+                data_files.read_slices(folder)
+            except data_files.DataError as exc:
                 print(f"Found {folder}, but it is not valid: {exc}", file=sys.stderr)
                 return 1
             print(f"Real TCIA slices ready in {folder}")
             return 0
         print("Falling back to the synthetic phantom.")
-    folder = data.make_synthetic(args.dest, seed=args.seed)
+    folder = data_files.make_synthetic(args.dest, seed=args.seed)
     print(f"Synthetic phantom (seed {args.seed}) ready in {folder}")
     return 0
 

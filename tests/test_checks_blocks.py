@@ -1,4 +1,5 @@
-"""The building blocks check their inputs with the shared rules of ``tutorial_utils.checks``.
+"""The building blocks (and their 3D versions in ``tutorial_utils.three_d``) check their inputs
+with the shared rules of ``tutorial_utils.checks``.
 
 Every test names the message it expects, so it fails if the check it covers is removed.
 """
@@ -16,6 +17,13 @@ from tutorial_utils import metrics as M
 from tutorial_utils import regularisation as R
 from tutorial_utils import transform as T
 from tutorial_utils.models import DisplacementUNet, FeatureCNN
+from tutorial_utils.offsets import displacement_offsets
+from tutorial_utils.three_d import correlation as C3
+from tutorial_utils.three_d import features as Fe3
+from tutorial_utils.three_d import metrics as M3
+from tutorial_utils.three_d import regularisation as R3
+from tutorial_utils.three_d import sparse as S3
+from tutorial_utils.three_d import transform as T3
 
 OTHER = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("meta")
 """Another device than the CPU: a GPU where there is one, else "meta" (exists on every machine)."""
@@ -47,14 +55,14 @@ REGULARISERS = {
     "check_cost_volume": lambda c: R.check_cost_volume(c, 3),
 }
 REGULARISERS3D = {
-    "regularise3d": lambda c: R.regularise3d(c, 3),
-    "mean_field3d": lambda c: R.mean_field3d(c),
-    "min_convolution3d": lambda c: R.min_convolution3d(c, 3),
-    "min_convolution3d_exact": lambda c: R.min_convolution3d_exact(c, 3),
-    "soft_displacement3d": lambda c: R.soft_displacement3d(c, 3),
-    "soft_displacement_sparse": lambda c: R.soft_displacement_sparse(c, R.displacement_offsets3d(3)),
-    "min_convolution_sparse": lambda c: R.min_convolution_sparse(c, R.displacement_offsets3d(3)),
-    "check_cost_volume3d": lambda c: R.check_cost_volume3d(c, 3),
+    "regularise3d": lambda c: R3.regularise3d(c, 3),
+    "mean_field3d": lambda c: R3.mean_field3d(c),
+    "min_convolution3d": lambda c: R3.min_convolution3d(c, 3),
+    "min_convolution3d_exact": lambda c: R3.min_convolution3d_exact(c, 3),
+    "soft_displacement3d": lambda c: R3.soft_displacement3d(c, 3),
+    "soft_displacement_sparse": lambda c: R3.soft_displacement_sparse(c, R3.displacement_offsets3d(3)),
+    "min_convolution_sparse": lambda c: R3.min_convolution_sparse(c, R3.displacement_offsets3d(3)),
+    "check_cost_volume3d": lambda c: R3.check_cost_volume3d(c, 3),
 }
 
 
@@ -110,15 +118,15 @@ def test_normalise_cost_of_zeros_is_finite_and_eps_must_be_positive():
 @pytest.mark.parametrize("call", [
     lambda D: C.correlation(_rand(1, 2, 5, 5), _rand(1, 2, 5, 5, seed=1), D),
     lambda D: C.correlation_unfold(_rand(1, 2, 5, 5), _rand(1, 2, 5, 5, seed=1), D),
-    lambda D: C.correlation3d(_rand(1, 2, 3, 4, 4), _rand(1, 2, 3, 4, 4, seed=1), D),
+    lambda D: C3.correlation3d(_rand(1, 2, 3, 4, 4), _rand(1, 2, 3, 4, 4, seed=1), D),
     lambda D: C.argmin_displacement(_rand(1, 9, 2, 2), D),
     lambda D: R.min_convolution(COST2, D),
     lambda D: R.regularise(COST2, D),
     lambda D: R.soft_displacement(COST2, D)[1],
-    lambda D: R.displacement_offsets(D),
-    lambda D: R.displacement_offsets3d(D),
-    lambda D: R.regularise3d(COST3, D),
-    lambda D: C.displacement_cube(D),
+    lambda D: displacement_offsets(D),
+    lambda D: R3.displacement_offsets3d(D),
+    lambda D: R3.regularise3d(COST3, D),
+    lambda D: S3.displacement_cube(D),
 ])
 def test_numpy_integers_are_accepted_and_bools_and_floats_refused(call):
     torch.testing.assert_close(call(np.int64(3)), call(3), rtol=0, atol=0)
@@ -148,16 +156,16 @@ def test_numpy_integers_are_accepted_and_bools_and_floats_refused(call):
     (lambda: R.regularise(COST2, 3, min_order="x"), ValueError, "min_order must be one of"),
     (lambda: R.soft_displacement(COST2, 3, alpha=0), ValueError, "alpha must be > 0"),
     (lambda: R.soft_displacement(COST2, 3, alpha=math.nan), ValueError, "alpha must be a finite number"),
-    (lambda: R.min_convolution3d(COST3, 3, avg_kernel=2), ValueError, "avg_kernel must be an odd integer"),
-    (lambda: R.min_convolution3d(COST2, 3), ValueError, r"cost must be a 3D cost volume \[B, D\*\*3, d, h, w\]"),
-    (lambda: R.mean_field3d(COST3, passes=-2), ValueError, "passes must be an integer >= 0"),
-    (lambda: R.regularise3d(COST3, 3, meanfield_iterations=-1), ValueError, "meanfield_iterations must be"),
-    (lambda: R.soft_displacement3d(COST3, 3, alpha=-1.0), ValueError, "alpha must be > 0"),
-    (lambda: R.soft_displacement_sparse(COST3, R.displacement_offsets3d(3)[:5]), ValueError,
+    (lambda: R3.min_convolution3d(COST3, 3, avg_kernel=2), ValueError, "avg_kernel must be an odd integer"),
+    (lambda: R3.min_convolution3d(COST2, 3), ValueError, r"cost must be a 3D cost volume \[B, D\*\*3, d, h, w\]"),
+    (lambda: R3.mean_field3d(COST3, passes=-2), ValueError, "passes must be an integer >= 0"),
+    (lambda: R3.regularise3d(COST3, 3, meanfield_iterations=-1), ValueError, "meanfield_iterations must be"),
+    (lambda: R3.soft_displacement3d(COST3, 3, alpha=-1.0), ValueError, "alpha must be > 0"),
+    (lambda: R3.soft_displacement_sparse(COST3, R3.displacement_offsets3d(3)[:5]), ValueError,
      r"offsets must be \[K, n\] with K = cost.shape\[1\] = 27"),
-    (lambda: R.soft_displacement_sparse(COST3, _with(R.displacement_offsets3d(3), math.nan)), ValueError,
+    (lambda: R3.soft_displacement_sparse(COST3, _with(R3.displacement_offsets3d(3), math.nan)), ValueError,
      "offsets must be finite"),
-    (lambda: R.min_convolution_sparse(COST3[:, :, 0, 0, 0], R.displacement_offsets3d(3), chunk=0), ValueError,
+    (lambda: R3.min_convolution_sparse(COST3[:, :, 0, 0, 0], R3.displacement_offsets3d(3), chunk=0), ValueError,
      "chunk must be an integer >= 1"),
 ])
 def test_regularisation_arguments(call, error, message):
@@ -170,8 +178,8 @@ def test_regularisation_arguments(call, error, message):
 PAIRS = {
     "correlation": (C.correlation, (1, 2, 5, 6)),
     "correlation_unfold": (C.correlation_unfold, (1, 2, 5, 6)),
-    "correlation3d": (C.correlation3d, (1, 2, 3, 4, 5)),
-    "sparse_correlation3d": (lambda f, m, D: C.sparse_correlation3d(f, m, D).cost, (1, 2, 3, 4, 5)),
+    "correlation3d": (C3.correlation3d, (1, 2, 3, 4, 5)),
+    "sparse_correlation3d": (lambda f, m, D: S3.sparse_correlation3d(f, m, D).cost, (1, 2, 3, 4, 5)),
 }
 
 
@@ -203,22 +211,22 @@ def test_feature_pairs_must_agree(name):
 @pytest.mark.parametrize("call, error, message", [
     (lambda: C.correlation(_rand(1, 1, 4, 4), _rand(1, 1, 4, 4), 3, metric="ncc"), ValueError,
      "metric must be one of 'ssd', 'dot'"),
-    (lambda: C.correlation3d(_rand(1, 1, 2, 2, 2), _rand(1, 1, 2, 2, 2), 3, metric="ncc"), ValueError,
+    (lambda: C3.correlation3d(_rand(1, 1, 2, 2, 2), _rand(1, 1, 2, 2, 2), 3, metric="ncc"), ValueError,
      "metric must be one of"),
     (lambda: C.argmin_displacement(_rand(1, 8, 2, 2), 3), ValueError, r"cost_volume must be \[B, D\*D=9, H, W\]"),
     (lambda: C.argmin_displacement(_with(_rand(1, 9, 2, 2), math.nan), 3), ValueError, "cost_volume must be finite"),
-    (lambda: C.argmin_displacement3d(_with(COST3, math.nan), 3), ValueError, "cost_volume must be finite"),
-    (lambda: C.argmin_displacement3d(COST2, 3), ValueError, r"cost_volume must be \[B, D\*\*3=27, d, h, w\]"),
-    (lambda: C.control_points3d((4, 4, 4), 0), ValueError, "grid_step must be an integer >= 1"),
-    (lambda: C.control_points3d((4, 4, 4), 2.0), TypeError, "grid_step must be an integer"),
-    (lambda: C.displacement_cube(5, disp_step=0), ValueError, "disp_step must be an integer >= 1"),
-    (lambda: C.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, border="wrap"), ValueError,
+    (lambda: C3.argmin_displacement3d(_with(COST3, math.nan), 3), ValueError, "cost_volume must be finite"),
+    (lambda: C3.argmin_displacement3d(COST2, 3), ValueError, r"cost_volume must be \[B, D\*\*3=27, d, h, w\]"),
+    (lambda: S3.control_points3d((4, 4, 4), 0), ValueError, "grid_step must be an integer >= 1"),
+    (lambda: S3.control_points3d((4, 4, 4), 2.0), TypeError, "grid_step must be an integer"),
+    (lambda: S3.displacement_cube(5, disp_step=0), ValueError, "disp_step must be an integer >= 1"),
+    (lambda: S3.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, border="wrap"), ValueError,
      "border must be one of 'zeros', 'replicate'"),
-    (lambda: C.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, offsets=torch.zeros(2, 2)),
+    (lambda: S3.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, offsets=torch.zeros(2, 2)),
      ValueError, r"offsets must be an integer tensor \[K, 3\]"),
-    (lambda: C.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, offsets=torch.zeros(2)),
+    (lambda: S3.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3, offsets=torch.zeros(2)),
      ValueError, r"offsets must be \[K, 3\]"),
-    (lambda: C.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3,
+    (lambda: S3.sparse_correlation3d(_rand(1, 1, 4, 4, 4), _rand(1, 1, 4, 4, 4), 3,
                                     offsets=torch.tensor([[0.0, math.nan, 0.0]])), ValueError, "offsets must be finite"),
 ])
 def test_correlation_arguments(call, error, message):
@@ -229,7 +237,7 @@ def test_correlation_arguments(call, error, message):
 # --------------------------------------------------------------------------- transform
 
 
-@pytest.mark.parametrize("warp, ndim", [(T.warp, 2), (T.warp3d, 3)])
+@pytest.mark.parametrize("warp, ndim", [(T.warp, 2), (T3.warp3d, 3)])
 def test_warp_refuses_a_displacement_on_another_device_or_of_another_size(warp, ndim):
     spatial = (4, 5) if ndim == 2 else (3, 4, 5)
     moving, displacement = _rand(1, 1, *spatial), torch.zeros(1, ndim, *spatial, dtype=torch.float64)
@@ -263,16 +271,16 @@ def test_warp_refuses_a_displacement_on_another_device_or_of_another_size(warp, 
      "labels must hold values 0..1, got values from 2 to 2"),
     (lambda: T.warp_labels(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 2, 4, 4), 2, "cubic"),
      ValueError, "mode must be one of 'bilinear', 'nearest'"),
-    (lambda: T.warp_labels3d(torch.zeros(1, 2, 4, 4, dtype=torch.long), torch.zeros(1, 3, 2, 4, 4), 2, "cubic"),
+    (lambda: T3.warp_labels3d(torch.zeros(1, 2, 4, 4, dtype=torch.long), torch.zeros(1, 3, 2, 4, 4), 2, "cubic"),
      ValueError, "mode must be one of 'trilinear'"),
-    (lambda: T.warp_labels3d(torch.zeros(1, 2, 4, 4, dtype=torch.long),
+    (lambda: T3.warp_labels3d(torch.zeros(1, 2, 4, 4, dtype=torch.long),
                              _with(torch.zeros(1, 3, 2, 4, 4), math.nan), 2), ValueError, "displacement must be finite"),
     (lambda: T.upsample_displacement(_with(torch.zeros(1, 2, 2, 2), math.nan), (4, 4)), ValueError,
      "displacement must be finite"),
     (lambda: T.upsample_displacement(torch.zeros(1, 2, 2, 2), (4, 4, 4)), ValueError,
      r"size must be two positive integers \(H, W\)"),
     (lambda: T.upsample_displacement(torch.zeros(1, 2, 2, 2), (4, 0)), ValueError, "size must be an integer >= 1"),
-    (lambda: T.upsample_displacement3d(torch.zeros(1, 3, 2, 2, 2), (4, 4, 4.5)), TypeError, "size must be an integer"),
+    (lambda: T3.upsample_displacement3d(torch.zeros(1, 3, 2, 2, 2), (4, 4, 4.5)), TypeError, "size must be an integer"),
     (lambda: T.compose_displacements(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 5)), ValueError,
      "first and second must have the same size"),
     (lambda: T.compose_displacements(torch.zeros(1, 2, 4, 4), _with(torch.zeros(1, 2, 4, 4), math.inf)), ValueError,
@@ -283,10 +291,10 @@ def test_warp_refuses_a_displacement_on_another_device_or_of_another_size(warp, 
     (lambda: T.affine_displacement(torch.eye(2, 3)[None, None], (4, 4)), ValueError, r"matrix must be \[B, 2, 3\]"),
     (lambda: T.translation_displacement(torch.zeros(1, 3), (4, 4)), ValueError, r"shift must be \[B, 2\] \(dy, dx\)"),
     (lambda: T.identity_grid(0, 4), ValueError, "height must be an integer >= 1"),
-    (lambda: T.identity_grid3d(2, 2, 2.5), TypeError, "width must be an integer"),
-    (lambda: T.interpolate_control_field3d(_with(torch.zeros(1, 3, 2, 2, 2), math.nan), (4, 4, 4), 2), ValueError,
+    (lambda: T3.identity_grid3d(2, 2, 2.5), TypeError, "width must be an integer"),
+    (lambda: T3.interpolate_control_field3d(_with(torch.zeros(1, 3, 2, 2, 2), math.nan), (4, 4, 4), 2), ValueError,
      "field must be finite"),
-    (lambda: T.interpolate_control_field3d(torch.zeros(1, 3, 2, 2, 2), (4, 4, 4), 0), ValueError,
+    (lambda: T3.interpolate_control_field3d(torch.zeros(1, 3, 2, 2, 2), (4, 4, 4), 0), ValueError,
      "grid_step must be an integer >= 1"),
 ])
 def test_transform_arguments(call, error, message):
@@ -300,9 +308,9 @@ FEATURES = {
     "intensity_features": (Fe.intensity_features, (1, 1, 16, 24)),
     "mind_ssc": (Fe.mind_ssc, (1, 1, 16, 24)),
     "mind_features": (Fe.mind_features, (1, 1, 16, 24)),
-    "intensity_features3d": (Fe.intensity_features3d, (1, 1, 4, 6, 8)),
-    "mind_ssc3d": (Fe.mind_ssc3d, (1, 1, 4, 6, 8)),
-    "mind_features3d": (Fe.mind_features3d, (1, 1, 4, 6, 8)),
+    "intensity_features3d": (Fe3.intensity_features3d, (1, 1, 4, 6, 8)),
+    "mind_ssc3d": (Fe3.mind_ssc3d, (1, 1, 4, 6, 8)),
+    "mind_features3d": (Fe3.mind_features3d, (1, 1, 4, 6, 8)),
 }
 
 
@@ -333,16 +341,16 @@ def test_images_with_nan_are_refused(name):
     (lambda: Fe.intensity_features(_rand(1, 1, 30, 40)), ValueError, "image: H and W must be divisible by stride=4"),
     (lambda: Fe.intensity_features(_rand(1, 1, 32, 40), stride=0), ValueError, "stride must be an integer >= 1"),
     (lambda: Fe.mind_features(_rand(1, 1, 32, 40), stride=4.0), TypeError, "stride must be an integer"),
-    (lambda: Fe.intensity_features3d(_rand(1, 1, 5, 8, 8)), ValueError,
+    (lambda: Fe3.intensity_features3d(_rand(1, 1, 5, 8, 8)), ValueError,
      "volume: Z, Y and X must be divisible by stride=2"),
     (lambda: Fe.mind_ssc(_rand(1, 1, 8, 8), radius=-1), ValueError, "radius must be an integer >= 0"),
     (lambda: Fe.mind_ssc(_rand(1, 1, 8, 8), dilation=(1, 0)), ValueError, "dilation must be an integer >= 1"),
     (lambda: Fe.mind_ssc(_rand(1, 1, 8, 8), dilation=2.0), TypeError, "dilation must be an integer"),
     (lambda: Fe.mind_ssc(_rand(1, 1, 8, 8), eps=0.0), ValueError, "eps must be > 0"),
-    (lambda: Fe.mind_ssc3d(_rand(1, 1, 4, 4, 4), eps=-1.0), ValueError, "eps must be > 0"),
-    (lambda: Fe.mind_ssc3d(_rand(1, 1, 4, 4, 4), dilation=()), ValueError, "dilation must name at least one"),
+    (lambda: Fe3.mind_ssc3d(_rand(1, 1, 4, 4, 4), eps=-1.0), ValueError, "eps must be > 0"),
+    (lambda: Fe3.mind_ssc3d(_rand(1, 1, 4, 4, 4), dilation=()), ValueError, "dilation must name at least one"),
     (lambda: Fe.mind_features(_rand(1, 1, 8, 8), downsample=3), ValueError, "downsample must be a positive integer"),
-    (lambda: Fe.ssc_pairs3d(0), ValueError, "dilation must be an integer >= 1"),
+    (lambda: Fe3.ssc_pairs3d(0), ValueError, "dilation must be an integer >= 1"),
 ])
 def test_feature_arguments(call, error, message):
     with pytest.raises(error, match=message):
@@ -394,8 +402,8 @@ JACOBIANS = {
     "jacobian_determinant": (M.jacobian_determinant, 2),
     "folding_fraction": (M.folding_fraction, 2),
     "log_jacobian_std": (M.log_jacobian_std, 2),
-    "jacobian_determinant3d": (M.jacobian_determinant3d, 3),
-    "folding_fraction3d": (M.folding_fraction3d, 3),
+    "jacobian_determinant3d": (M3.jacobian_determinant3d, 3),
+    "folding_fraction3d": (M3.folding_fraction3d, 3),
 }
 
 

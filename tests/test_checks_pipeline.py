@@ -20,11 +20,14 @@ import pytest
 import torch
 from blob_data import blob_dataset
 
-from tutorial_utils import benchmark, continuous, instance, train
+from tutorial_utils import continuous, instance, train
+from tutorial_utils import prealign as P
 from tutorial_utils import registration as G
 from tutorial_utils.data import Dataset
+from tutorial_utils.explorer import validate_parameters
 from tutorial_utils.models import DisplacementUNet
-from tutorial_utils.widgets import validate_parameters
+from tutorial_utils.three_d import registration as G3
+from tutorial_utils.three_d import sparse as S3
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,8 +54,10 @@ def no_computation(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a computation started before the inputs were checked")
 
-    for module, names in ((G, ("warp", "affine_displacement", "translation_displacement", "extract_features",
-                               "extract_features3d", "_intensity_moments")),
+    for module, names in ((G, ("warp", "extract_features")),
+                          (P, ("warp", "affine_displacement", "translation_displacement", "_intensity_moments")),
+                          (G3, ("extract_features3d",)),
+                          (S3, ("extract_features3d",)),
                           (instance, ("extract_features", "warp")),
                           (continuous, ("prealign_displacement", "_prepare_training_data")),
                           (train, ("_prepare_training_data",))):
@@ -70,10 +75,10 @@ def _entry_points(fixed: torch.Tensor, moving: torch.Tensor) -> dict:
     return {
         "register_images": lambda: G.register_images(fixed, moving),
         "register_images none": lambda: G.register_images(fixed, moving, "intensity", prealign="none"),
-        "prealign_displacement": lambda: G.prealign_displacement(fixed, moving, "affine"),
-        "refine_affine": lambda: G.refine_affine(fixed, moving, matrix),
-        "moments_affine": lambda: G.moments_affine(fixed, moving),
-        "centre_of_mass_shift": lambda: G.centre_of_mass_shift(fixed, moving),
+        "prealign_displacement": lambda: P.prealign_displacement(fixed, moving, "affine"),
+        "refine_affine": lambda: P.refine_affine(fixed, moving, matrix),
+        "moments_affine": lambda: P.moments_affine(fixed, moving),
+        "centre_of_mass_shift": lambda: P.centre_of_mass_shift(fixed, moving),
         "instance_optimise": lambda: instance.instance_optimise(fixed, moving, zeros),
         "register_unet": lambda: continuous.register_unet(DisplacementUNet(), fixed, moving),
     }
@@ -92,7 +97,7 @@ def test_a_non_finite_pixel_is_refused_before_any_computation(no_computation, en
         _entry_points(fixed, moving)[entry]()
 
 
-@pytest.mark.parametrize("register", [G.register_volumes, G.register_volumes_sparse])
+@pytest.mark.parametrize("register", [G3.register_volumes, S3.register_volumes_sparse])
 def test_a_non_finite_voxel_is_refused_before_any_computation(no_computation, register):
     volume = torch.rand(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     bad = volume.clone()
@@ -116,7 +121,7 @@ def test_a_refinement_that_diverges_stops_with_an_error():
     """Absurd intensities overflow the squared difference: stop before a NaN grid reaches grid_sample."""
     fixed, moving = _image(seed=1) * 1e30, _image(seed=2) * 1e30
     with pytest.raises(ValueError, match="refine_affine: the mean squared difference became inf"):
-        G.refine_affine(fixed, moving, torch.eye(2, 3)[None], iterations=2)
+        P.refine_affine(fixed, moving, torch.eye(2, 3)[None], iterations=2)
 
 
 # --------------------------------------------------------------------------- devices, shapes, dtypes
@@ -124,14 +129,14 @@ def test_a_refinement_that_diverges_stops_with_an_error():
 
 def test_images_on_two_devices_are_named_in_the_error(no_computation):
     fixed, moving = _image(), _image().to("meta")  # "meta" stands in for a GPU
-    for call in (lambda: G.register_images(fixed, moving), lambda: G.prealign_displacement(fixed, moving),
+    for call in (lambda: G.register_images(fixed, moving), lambda: P.prealign_displacement(fixed, moving),
                  lambda: instance.instance_optimise(fixed, moving, torch.zeros(1, 2, 32, 48)),
                  lambda: continuous.register_unet(DisplacementUNet(), fixed, moving)):
         with pytest.raises(ValueError, match="image_fixed is on cpu but image_moving is on meta"):
             call()
     volume = torch.rand(1, 1, 4, 8, 8)
     with pytest.raises(ValueError, match="volume_fixed is on meta but volume_moving is on cpu"):
-        G.register_volumes(volume.to("meta"), volume)
+        G3.register_volumes(volume.to("meta"), volume)
 
 
 def test_a_displacement_or_matrix_on_another_device_is_refused(no_computation):
@@ -139,7 +144,7 @@ def test_a_displacement_or_matrix_on_another_device_is_refused(no_computation):
     with pytest.raises(ValueError, match="image_fixed is on cpu but displacement is on meta"):
         instance.instance_optimise(image, image, torch.zeros(1, 2, 32, 48, device="meta"))
     with pytest.raises(ValueError, match="matrix is on meta but must be on cpu"):
-        G.refine_affine(image, image, torch.eye(2, 3, device="meta")[None])
+        P.refine_affine(image, image, torch.eye(2, 3, device="meta")[None])
 
 
 @pytest.mark.parametrize("fixed, moving, error, match", [
@@ -177,7 +182,7 @@ def test_float64_images_work():
     (dict(chunk_size=0), ValueError, "chunk_size must be an integer >= 1"),
     (dict(meanfield_passes=-1), ValueError, "meanfield_passes must be an integer >= 0"),
     (dict(avg_kernel=4), ValueError, "avg_kernel must be an odd integer"),
-    (dict(prealign="rigid"), ValueError, "prealign must be one of 'none', 'com', 'moments', 'affine', None"),
+    (dict(prealign="rigid"), ValueError, "prealign must be one of 'none', 'com', 'moments', 'affine'"),
     (dict(border="reflect"), ValueError, "border must be one of 'replicate', 'zeros'"),
 ])
 def test_bad_hyper_parameters_are_refused_before_any_computation(no_computation, kwargs, error, match):
@@ -188,8 +193,8 @@ def test_bad_hyper_parameters_are_refused_before_any_computation(no_computation,
 def test_numpy_integers_are_accepted_like_ints():
     fixed, moving = _image(seed=1), _image(seed=2)
     kwargs = dict(prealign="none", refine_range=None, meanfield_iterations=1)
-    plain = G.register_images(fixed, moving, "intensity", 5, **kwargs)
-    numpy = G.register_images(fixed, moving, "intensity", np.int64(5), **kwargs)
+    plain = G.register_images(fixed, moving, "intensity", disp_range=5, **kwargs)
+    numpy = G.register_images(fixed, moving, "intensity", disp_range=np.int64(5), **kwargs)
     assert torch.equal(plain, numpy)
     validate_parameters(disp_range=np.int64(9), min_kernel=np.int32(3), avg_kernel=3, meanfield_kernel=5,
                         meanfield_iterations=np.int64(1), alpha=np.float32(10))
@@ -232,15 +237,15 @@ def test_refine_affine_checks_its_matrix_and_settings(no_computation):
                           (torch.eye(3, 3)[None], r"matrix must be \[B, 2, 3\] = \[1, 2, 3\]"),
                           (torch.eye(2, 3, dtype=torch.long)[None], "matrix must be floating point")):
         with pytest.raises(ValueError, match=match):
-            G.refine_affine(image, image, matrix)
+            P.refine_affine(image, image, matrix)
     nan_matrix = torch.eye(2, 3)[None].clone()
     nan_matrix[0, 0, 2] = float("nan")
     with pytest.raises(ValueError, match="matrix must be finite"):
-        G.refine_affine(image, image, nan_matrix)
+        P.refine_affine(image, image, nan_matrix)
     with pytest.raises(ValueError, match="scale must be an integer <= 32"):
-        G.refine_affine(image, image, torch.eye(2, 3)[None], scale=64)
+        P.refine_affine(image, image, torch.eye(2, 3)[None], scale=64)
     with pytest.raises(ValueError, match="lr must be > 0"):
-        G.refine_affine(image, image, torch.eye(2, 3)[None], lr=0)
+        P.refine_affine(image, image, torch.eye(2, 3)[None], lr=0)
 
 
 # --------------------------------------------------------------------------- empty and constant images
@@ -267,13 +272,13 @@ def test_empty_and_constant_images_give_a_finite_result_with_the_defaults(pair):
     assert torch.isfinite(displacement).all()
 
 
-@pytest.mark.parametrize("prealign", G.PREALIGN_MODES)
+@pytest.mark.parametrize("prealign", P.PREALIGN_MODES)
 @pytest.mark.parametrize("pair", list(EMPTY_PAIRS))
 def test_empty_and_constant_images_give_a_finite_result_with_each_prealignment(pair, prealign):
     fixed, moving = EMPTY_PAIRS[pair]
     displacement = G.register_images(fixed, moving, "intensity", prealign=prealign, refine_range=None)
     assert torch.isfinite(displacement).all()
-    pre = G.prealign_displacement(fixed, moving, prealign, iterations=5)
+    pre = P.prealign_displacement(fixed, moving, prealign, iterations=5)
     assert torch.isfinite(pre).all()
     if "zero" in pair:  # nothing to match: the pre-alignment stays (nearly) the identity
         assert pre.abs().max() < 1e-3 or prealign == "affine"
@@ -283,11 +288,11 @@ def test_the_centre_of_mass_of_an_empty_image_is_not_matched():
     image = _image(seed=4)
     empty = torch.zeros_like(image)
     both = torch.cat([image, empty, empty])
-    shift = G.centre_of_mass_shift(both, torch.cat([empty, image, empty]))
+    shift = P.centre_of_mass_shift(both, torch.cat([empty, image, empty]))
     assert torch.equal(shift, torch.zeros(3, 2))
     assert shift.dtype == image.dtype
     disc = _disc(32, 48)
-    shifted = G.centre_of_mass_shift(disc, torch.roll(disc, 3, dims=-1))  # a real pair still moves
+    shifted = P.centre_of_mass_shift(disc, torch.roll(disc, 3, dims=-1))  # a real pair still moves
     assert torch.allclose(shifted, torch.tensor([[0.0, 3.0]]), atol=1e-4)
 
 
@@ -298,10 +303,10 @@ def test_moments_of_degenerate_images_stay_the_identity():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     ellipse[0, 0] = (((yy - 14) / 5) ** 2 + ((xx - 17) / 11) ** 2 <= 1).float()
     for fixed, moving in ((empty, ellipse), (ellipse, empty), (empty, empty)):
-        assert torch.equal(G.moments_affine(fixed, moving), identity)
+        assert torch.equal(P.moments_affine(fixed, moving), identity)
     # a constant square and a disc have no principal axes: a scale and a translation, no rotation
     for fixed, moving in ((constant, ellipse), (_disc(), ellipse), (ellipse, _disc())):
-        matrix = G.moments_affine(fixed, moving)
+        matrix = P.moments_affine(fixed, moving)
         assert torch.isfinite(matrix).all()
         assert matrix[0, 0, 1] == 0 and matrix[0, 1, 0] == 0 and matrix[0, 0, 0] == matrix[0, 1, 1] > 0
     # a point or a line has no area: no scale (it would be infinite or zero)
@@ -309,7 +314,7 @@ def test_moments_of_degenerate_images_stay_the_identity():
     point[0, 0, 10, 12] = 1.0
     line[0, 0, 16, 4:28] = 1.0
     for fixed, moving in ((point, ellipse), (ellipse, point), (line, ellipse)):
-        matrix = G.moments_affine(fixed, moving)
+        matrix = P.moments_affine(fixed, moving)
         assert torch.isfinite(matrix).all()
         assert torch.allclose(torch.linalg.det(matrix[:, :, :2]), torch.ones(1), atol=1e-5)
 
@@ -318,7 +323,7 @@ def test_refine_affine_leaves_matrices_of_images_without_structure_alone():
     matrix = torch.tensor([[[1.1, 0.1, 2.0], [-0.1, 0.9, -3.0]]])
     for fixed, moving in ((torch.zeros(1, 1, 32, 48), torch.zeros(1, 1, 32, 48)),
                           (torch.full((1, 1, 32, 48), 0.5), torch.full((1, 1, 32, 48), 0.5))):
-        refined = G.refine_affine(fixed, moving, matrix, iterations=10)
+        refined = P.refine_affine(fixed, moving, matrix, iterations=10)
         assert torch.allclose(refined, matrix, atol=1e-6)
 
 
@@ -446,8 +451,8 @@ def test_bad_label_weights_are_refused(dataset, weights, match):
 def test_an_empty_training_slice_is_not_moved_by_the_centre_of_mass():
     images = torch.zeros(2, 1, 8, 12)
     images[1, 0, 2, 3] = 1.0
-    centres = train._grid_centre_of_mass(images)
-    assert centres[0].tolist() == [3.5, 5.5] and centres[1].tolist() == [2.0, 3.0]
+    shift = P.centre_of_mass_shift(torch.ones_like(images), images)  # the "com" of the training slices
+    assert shift[0].tolist() == [0.0, 0.0] and shift[1].tolist() == [2.0 - 3.5, 3.0 - 5.5]
 
 
 # --------------------------------------------------------------------------- command lines
@@ -509,25 +514,6 @@ def test_continuous_command_line_refuses_bad_arguments(argv, message, capsys, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["correlation", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
-    (["correlation", "--disp-ranges", "9,8"], "argument --disp-ranges: must be an odd integer >= 1 (a centred"),
-    (["correlation", "--disp-ranges", "9,x"], "argument --disp-ranges: expected an integer, got 'x'"),
-    (["correlation", "--sizes", "0x64"], "argument --sizes: sizes must be positive"),
-    (["correlation", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
-    (["correlation", "--max-seconds", "nan"], "argument --max-seconds: must be a finite number"),
-    (["correlation", "--device", "gpu"], "argument --device:"),
-    (["training", "--pairs", "-5"], "argument --pairs: must be an integer >= 1, got -5"),
-    (["training", "--source", "bogus"], "argument --source: invalid choice: 'bogus'"),
-    (["training", "--images-per-step", "1"], "argument --images-per-step: must be an integer >= 2"),
-    (["3d", "--grids", "16,-1"], "argument --grids: must be an integer >= 1, got -1"),
-    (["3d", "--disp-ranges", "4"], "argument --disp-ranges: must be an odd integer >= 1 (a centred window), got 4"),
-    (["3d", "--grid-step", "0"], "argument --grid-step: must be an integer >= 1"),
-])
-def test_benchmark_command_line_refuses_bad_arguments(argv, message, capsys):
-    _exits_with_usage(benchmark.main, argv, message, capsys)
-
-
-@pytest.mark.parametrize("argv, message", [
     (["--synthetic", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
     (["--synthetic", "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
 ])
@@ -548,5 +534,3 @@ def test_good_command_lines_parse_to_the_same_values():
     assert type(args.pairs) is int and type(args.lr) is float
     defaults = train.build_parser().parse_args(["--out", "x.pt"])
     assert (defaults.pairs, defaults.lr, defaults.disp_range) == (train.DEFAULT_PAIRS, train.DEFAULTS["lr"], 9)
-    args = benchmark.build_parser().parse_args(["3d", "--grids", "8,16", "--disp-ranges", "3,5"])
-    assert args.grids == [8, 16] and args.disp_ranges == [3, 5]

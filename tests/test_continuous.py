@@ -14,7 +14,6 @@ from torch import nn
 
 from tutorial_utils.continuous import (
     UNET_CHECKPOINT,
-    label_loss,
     load_unet,
     main,
     register_unet,
@@ -24,8 +23,8 @@ from tutorial_utils.continuous import (
 )
 from tutorial_utils.data import Dataset
 from tutorial_utils.models import DisplacementUNet
-from tutorial_utils.registration import prealign_displacement
-from tutorial_utils.train import LossHistory, evaluate_registration
+from tutorial_utils.prealign import prealign_displacement
+from tutorial_utils.training import LossHistory
 from tutorial_utils.transform import warp
 
 # --------------------------------------------------------------------------- the model
@@ -73,40 +72,6 @@ def test_unet_rejects_bad_input():
         DisplacementUNet(channels=(8, 8), flow_level=3)
     with pytest.raises(ValueError, match="channels"):
         DisplacementUNet(channels=())
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def _onehot(labels, L):
-    return F.one_hot(labels, L).permute(0, 3, 1, 2).double()
-
-
-def test_label_loss_against_per_label_formulas():
-    generator = torch.Generator().manual_seed(0)
-    warped = torch.softmax(torch.randn(2, 4, 6, 5, generator=generator, dtype=torch.float64), 1)
-    labels = torch.randint(0, 3, (2, 6, 5), generator=generator)  # label 3 in neither map of pair 1?
-    fixed = _onehot(labels, 4)
-    warped[1, 3] = 0.0
-    fixed[1, 3] = 0.0  # label 3 absent from the second pair: skipped
-    expected_dice, expected_mse = [], []
-    for b in range(2):
-        terms = []
-        for label in range(1, 4):
-            a, f = warped[b, label], fixed[b, label]
-            if a.sum() + f.sum() > 0:
-                terms.append(1 - 2 * (a * f).sum() / (a.sum() + f.sum()))
-        expected_dice.append(sum(terms) / len(terms))
-        total = 0.0
-        for y in range(6):
-            for x in range(5):
-                total += sum((warped[b, c, y, x] - fixed[b, c, y, x]) ** 2 for c in range(4))
-        expected_mse.append(total / 30)
-    assert torch.allclose(label_loss(warped, fixed, "dice"), torch.stack(expected_dice))
-    assert torch.allclose(label_loss(warped, fixed, "mse"), torch.stack(expected_mse))
-    assert torch.allclose(label_loss(fixed, fixed), torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="loss must be"):
-        label_loss(warped, fixed, "ce")
 
 
 # --------------------------------------------------------------------------- training
@@ -231,26 +196,6 @@ def test_register_unet_under_grad_mode_returns_no_graph():
     assert not out.requires_grad and out.shape == (1, 2, 32, 48)
     with pytest.raises(ValueError, match="differ in shape"):
         register_unet(model, torch.rand(1, 1, 32, 48), torch.rand(1, 1, 32, 32))
-
-
-def test_evaluate_registration_with_a_register_callable():
-    dataset = _small_dataset(seed=4)
-    identity = evaluate_registration(dataset, None)
-    calls = []
-
-    def zero(image_fixed, image_moving):
-        calls.append(image_fixed.shape[0])
-        return torch.zeros(image_fixed.shape[0], 2, *image_fixed.shape[-2:])
-
-    result = evaluate_registration(dataset, "this is ignored", register=zero, batch_size=1)
-    assert calls == [1, 1]
-    assert torch.allclose(result["dice"], identity["dice"], equal_nan=True)
-    assert result["folding"].tolist() == [0.0, 0.0]
-    assert result["seconds_per_pair"] >= 0 and identity["seconds_per_pair"] == 0
-    with pytest.raises(ValueError, match="displacement"):
-        evaluate_registration(dataset, register=lambda f, m: torch.zeros(1, 2, 4, 4))
-    with pytest.raises(ValueError, match="callable"):
-        evaluate_registration(dataset, register="unet")
 
 
 # --------------------------------------------------------------------------- weights on disk and the CLI

@@ -176,7 +176,7 @@ def test_non_contiguous_inputs():
 
 def test_fast_version_never_builds_the_unfolded_tensor():
     """Peak memory of the forward pass stays far below the [C, D*D, H*W] tensor of the unfold layer."""
-    from tutorial_utils.benchmark import peak_memory_bytes
+    from benchmarks.timing import peak_memory_bytes
 
     f, m = _features((1, 24, 40, 32), dtype=torch.float32)
     D = 21

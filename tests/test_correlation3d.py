@@ -1,5 +1,6 @@
-"""tutorial_utils.correlation in 3D (correlation3d, argmin_displacement3d, the sparse pdd_net
-variant) against independent references: brute-force loops, closed forms, gradcheck."""
+"""The 3D correlation layers (tutorial_utils.three_d.correlation: correlation3d,
+argmin_displacement3d; tutorial_utils.three_d.sparse: the sparse pdd_net variant) against
+independent references: brute-force loops, closed forms, gradcheck."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_utils.correlation import (
-    argmin_displacement3d,
-    control_points3d,
-    correlation3d,
-    displacement_cube,
-    sparse_correlation3d,
-)
+from tutorial_utils.three_d.correlation import argmin_displacement3d, correlation3d
+from tutorial_utils.three_d.sparse import control_points3d, displacement_cube, sparse_correlation3d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -118,7 +114,7 @@ def test_gradients_match_plain_autograd_on_a_larger_problem():
 
 
 def test_float32_and_memory_stay_lean():
-    from tutorial_utils.benchmark import peak_memory_bytes
+    from benchmarks.timing import peak_memory_bytes
 
     f, m = (t.float().sigmoid() for t in _features((1, 8, 8, 12, 16), seed=6))
     D = 7

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from tutorial_utils import data
+from tutorial_utils import data, data_files
 from tutorial_utils.models import FeatureCNN, UnsafeCheckpointError, load_mindnet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _small_set(n: int = data.NUM_SLICES, h: int = 16, w: int = 20, max_label: int = 8, seed: int = 0):
+def _small_set(n: int = data_files.NUM_SLICES, h: int = 16, w: int = 20, max_label: int = 8, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, h, w), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, max_label + 1, (n, h, w), generator=gen, dtype=torch.uint8)
@@ -111,14 +111,14 @@ def server(archives):
 def cache(tmp_path, monkeypatch):
     """An empty cache folder, no Kaggle mount, no URL override."""
     folder = tmp_path / "cache"
-    monkeypatch.setenv(data.CACHE_ENV_VAR, str(folder))
-    monkeypatch.delenv(data.URL_ENV_VAR, raising=False)
-    monkeypatch.delenv(data.SOURCE_ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "KAGGLE_DIR", tmp_path / "no-kaggle")
+    monkeypatch.setenv(data_files.CACHE_ENV_VAR, str(folder))
+    monkeypatch.delenv(data_files.URL_ENV_VAR, raising=False)
+    monkeypatch.delenv(data_files.SOURCE_ENV_VAR, raising=False)
+    monkeypatch.setattr(data_files, "KAGGLE_DIR", tmp_path / "no-kaggle")
     return folder
 
 
-download = functools.partial(data.download_tcia, retries=0, timeout=10, progress=False)
+download = functools.partial(data_files.download_tcia, retries=0, timeout=10, progress=False)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -132,7 +132,7 @@ def test_good_archive_downloads_validates_and_loads(server, cache, archives):
     folder = download(url=server + "/good.zip")
     assert folder == cache / "Learn2Reg"
     assert _leftovers(cache) == ["Learn2Reg"]  # no temp folders, no archive left behind
-    assert sorted(p.name for p in folder.iterdir()) == [data.IMAGE_FILE, data.LABEL_FILE]  # the .py is not extracted
+    assert sorted(p.name for p in folder.iterdir()) == [data_files.IMAGE_FILE, data_files.LABEL_FILE]  # the .py is not extracted
     ds = data.load_dataset("tcia")
     assert ds.source == "tcia" and len(ds) == 43
     assert ds.images.dtype == torch.float32 and ds.images.shape == (43, 1, 16, 20)
@@ -151,31 +151,31 @@ def test_good_archive_downloads_validates_and_loads(server, cache, archives):
     ("/missing.zip", "could not download"),
 ])
 def test_bad_download_says_why_and_leaves_nothing(server, cache, path, message):
-    with pytest.raises(data.DataError, match=message.replace(".", r"\.")):
+    with pytest.raises(data_files.DataError, match=message.replace(".", r"\.")):
         download(url=server + path)
     assert _leftovers(cache) == []
 
 
 def test_failed_download_keeps_an_earlier_good_copy(server, cache):
     download(url=server + "/good.zip")
-    with pytest.raises(data.DataError, match="43 slices"):
+    with pytest.raises(data_files.DataError, match="43 slices"):
         download(url=server + "/wrong_count.zip")
-    assert data.read_slices(cache / "Learn2Reg")[0].shape[0] == 43
+    assert data_files.read_slices(cache / "Learn2Reg")[0].shape[0] == 43
 
 
 def test_archive_paths_cannot_escape_the_cache(server, cache, tmp_path):
     folder = download(url=server + "/escaping.zip")
-    assert (folder / data.IMAGE_FILE).is_file()
+    assert (folder / data_files.IMAGE_FILE).is_file()
     assert not (tmp_path / "outside").exists() and not Path("/abs").exists()
 
 
 def test_url_comes_from_the_environment(server, cache, monkeypatch):
-    monkeypatch.setenv(data.URL_ENV_VAR, server + "/good.zip")
+    monkeypatch.setenv(data_files.URL_ENV_VAR, server + "/good.zip")
     assert download().name == "Learn2Reg"
 
 
 def test_auto_falls_back_to_the_phantom_in_one_line(server, cache, monkeypatch, capsys):
-    monkeypatch.setenv(data.URL_ENV_VAR, server + "/truncated.zip")
+    monkeypatch.setenv(data_files.URL_ENV_VAR, server + "/truncated.zip")
     ds = data.load_dataset("auto", download=True)
     out = capsys.readouterr().out.strip().splitlines()
     assert ds.source == "synthetic"
@@ -184,7 +184,7 @@ def test_auto_falls_back_to_the_phantom_in_one_line(server, cache, monkeypatch, 
 
 
 def test_tcia_without_data_is_a_clear_error(cache):
-    with pytest.raises(data.DataError, match="data_download.py"):
+    with pytest.raises(data_files.DataError, match="data_download.py"):
         data.load_dataset("tcia")
 
 
@@ -193,20 +193,20 @@ def test_tcia_without_data_is_a_clear_error(cache):
 
 def _write_set(folder: Path, images, labels) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(images, folder / data.IMAGE_FILE)
-    torch.save(labels, folder / data.LABEL_FILE)
+    torch.save(images, folder / data_files.IMAGE_FILE)
+    torch.save(labels, folder / data_files.LABEL_FILE)
     return folder
 
 
 def test_search_order_root_then_kaggle_then_cache(tmp_path, cache, monkeypatch):
     kaggle = tmp_path / "kaggle"
-    monkeypatch.setattr(data, "KAGGLE_DIR", kaggle)
+    monkeypatch.setattr(data_files, "KAGGLE_DIR", kaggle)
     _write_set(cache / "Learn2Reg", *_small_set(seed=1))
-    assert data.find_tcia() == cache / "Learn2Reg"
+    assert data_files.find_tcia() == cache / "Learn2Reg"
     _write_set(kaggle, *_small_set(seed=2))
-    assert data.find_tcia() == kaggle
+    assert data_files.find_tcia() == kaggle
     mine = _write_set(tmp_path / "mine" / "Learn2Reg", *_small_set(seed=3))
-    assert data.find_tcia(tmp_path / "mine") == mine
+    assert data_files.find_tcia(tmp_path / "mine") == mine
     expected = _small_set(seed=3)[0].float() / 255
     found = data.load_dataset("auto", root=tmp_path / "mine")  # "auto" finds the real set first
     assert found.source == "tcia" and torch.allclose(found.images[:, 0], expected)
@@ -221,7 +221,7 @@ def test_images_with_a_channel_axis_are_accepted(tmp_path, cache):
 def test_float_images_on_disk_are_rejected(tmp_path, cache):
     images, labels = _small_set()
     _write_set(tmp_path / "set", images.float(), labels)
-    with pytest.raises(data.DataError, match="uint8"):
+    with pytest.raises(data_files.DataError, match="uint8"):
         data.load_dataset("tcia", root=tmp_path / "set")
 
 
@@ -235,13 +235,13 @@ def test_unknown_source_is_a_value_error():
 
 def test_synthetic_set_is_written_once_atomically_and_read_back(cache):
     ds = data.load_dataset("synthetic", seed=5)
-    folder = data.synthetic_folder(seed=5)
+    folder = data_files.synthetic_folder(seed=5)
     assert folder.parent == cache and folder.name.endswith("-seed5")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.txt", data.IMAGE_FILE, data.LABEL_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.txt", data_files.IMAGE_FILE, data_files.LABEL_FILE]
     assert [p.name for p in cache.iterdir()] == [folder.name]  # no temp folder left
-    stamp = (folder / data.IMAGE_FILE).stat().st_mtime_ns
+    stamp = (folder / data_files.IMAGE_FILE).stat().st_mtime_ns
     again = data.load_dataset("synthetic", seed=5)
-    assert (folder / data.IMAGE_FILE).stat().st_mtime_ns == stamp  # read back, not rebuilt
+    assert (folder / data_files.IMAGE_FILE).stat().st_mtime_ns == stamp  # read back, not rebuilt
     assert torch.equal(ds.images, again.images) and torch.equal(ds.labels, again.labels)
     assert ds.source == "synthetic" and len(ds) == 43 and ds.num_labels == 9
     assert ds.images.min() >= 0 and ds.images.max() <= 1
@@ -258,7 +258,7 @@ def test_data_download_cli_builds_the_phantom(tmp_path):
 
 
 def test_data_download_cli_without_fallback_fails_clearly(server, tmp_path):
-    env = {**os.environ, data.CACHE_ENV_VAR: str(tmp_path / "cache")}
+    env = {**os.environ, data_files.CACHE_ENV_VAR: str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(REPO / "data_download.py"), "--no-fallback",
                           "--url", server + "/missing.zip", "--dest", str(tmp_path / "d")],
                          capture_output=True, text=True, timeout=120, env=env)
@@ -350,7 +350,7 @@ def test_slice_files_with_pickled_code_are_refused(tmp_path, cache):
     evil.marker = marker
     folder = tmp_path / "set"
     _write_set(folder, *_small_set())
-    torch.save(evil, folder / data.IMAGE_FILE)
-    with pytest.raises(data.DataError, match="not a readable torch tensor file"):
+    torch.save(evil, folder / data_files.IMAGE_FILE)
+    with pytest.raises(data_files.DataError, match="not a readable torch tensor file"):
         data.load_dataset("tcia", root=folder)
     assert not marker.exists()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tutorial_utils.exercises._core import CORRECT, ERROR, INCORRECT, NOT_ATTEMPTED
 from tutorial_utils.exercises.training import q1
-from tutorial_utils.train import nonlocal_label_loss_reference
+from tutorial_utils.losses import nonlocal_label_loss_reference
 
 
 def _status(answer):

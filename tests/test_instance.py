@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_utils.instance import diffusion_penalty_grid, instance_optimise
+from tutorial_utils.instance import instance_optimise
 from tutorial_utils.models import FeatureCNN
 from tutorial_utils.transform import warp
 
@@ -86,13 +86,6 @@ def test_zero_iterations_return_the_start_on_the_grid():
     inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
     assert torch.allclose(out[inner], affine[inner], atol=1e-9)
     assert out.dtype == torch.float64
-
-
-def test_diffusion_penalty_grid():
-    constant = torch.ones(2, 2, 4, 5)
-    assert diffusion_penalty_grid(constant, 4).tolist() == [0.0, 0.0]
-    ramp = 4.0 * torch.arange(5.0).view(1, 1, 1, 5).expand(1, 2, 4, 5)  # slope 1 image pixel per pixel
-    assert diffusion_penalty_grid(ramp, grid_stride=4).item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

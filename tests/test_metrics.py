@@ -29,6 +29,20 @@ def test_dice_of_known_shapes():
     assert M.mean_dice(a, a, 4) == pytest.approx(1.0)
 
 
+def test_mean_over_organs_skips_background_and_absent_labels():
+    per_label = torch.tensor([[0.9, 0.5, float("nan"), 0.0, 1.0],    # organs 1, 3, 4 scored
+                              [0.7, float("nan"), float("nan"), float("nan"), float("nan")],  # no organ at all
+                              [float("nan"), 0.25, 0.75, float("nan"), float("nan")]], dtype=torch.float64)
+    expected = [(0.5 + 0.0 + 1.0) / 3, float("nan"), (0.25 + 0.75) / 2]  # by hand
+    means = M.mean_over_organs(per_label)
+    assert means.shape == (3,) and means.dtype == torch.float64
+    for got, want in zip(means.tolist(), expected):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+    assert float(M.mean_over_organs(per_label[0])) == pytest.approx(expected[0])  # one pair: [L] -> []
+    empty = torch.zeros(4, 4, dtype=torch.long)
+    assert math.isnan(M.mean_dice(empty, empty, 3))  # nothing to score: NaN, not 0 or 1
+
+
 @pytest.mark.parametrize("matrix", [
     ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     ((1.2, 0.1, 3.0), (-0.3, 0.9, -1.0)),
@@ -177,44 +191,3 @@ def test_centroid_distance_of_a_shifted_square():
 def test_centroid_distance_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
-
-
-# ----------------------------------------------------------------------------- 3D Jacobian
-
-
-def _affine_field3d(matrix: torch.Tensor, shape=(5, 6, 7)) -> torch.Tensor:
-    """u(p) = A p for p = (z, y, x) in voxels: [1, 3, Z, Y, X] float64."""
-    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij")
-    points = torch.stack(grids)  # [3, Z, Y, X]
-    return torch.einsum("ij,jzyx->izyx", matrix, points)[None]
-
-
-def test_jacobian_determinant3d_of_affine_maps_is_det_of_identity_plus_matrix():
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        matrix = 0.4 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
-        det = M.jacobian_determinant3d(_affine_field3d(matrix))
-        expected = torch.linalg.det(torch.eye(3, dtype=torch.float64) + matrix).item()  # closed form
-        assert torch.allclose(det, torch.full_like(det, expected), atol=1e-10)
-
-
-def test_folding_fraction3d_counts_a_reflection_and_nothing_else():
-    identity = torch.zeros(2, 3, 4, 5, 6)
-    assert M.folding_fraction3d(identity).tolist() == [0.0, 0.0]
-    # x -> -x (u_x = -2x) everywhere in the second field: every voxel folds
-    field = torch.zeros(2, 3, 4, 5, 6)
-    field[1, 2] = -2 * torch.arange(6.0)
-    assert M.folding_fraction3d(field).tolist() == [0.0, 1.0]
-    # a 2D field embedded in 3D (no motion along z) has the 2D determinant
-    field2d = torch.randn(1, 2, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    field3d = torch.cat([torch.zeros(1, 1, 3, 5, 6, dtype=torch.float64),
-                         field2d[:, :, None].expand(1, 2, 3, 5, 6)], dim=1)
-    expected = M.jacobian_determinant(field2d)[:, None].expand(1, 3, 5, 6)
-    assert torch.allclose(M.jacobian_determinant3d(field3d), expected)
-
-
-def test_jacobian_determinant3d_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"\[B, 3, Z, Y, X\]"):
-        M.jacobian_determinant3d(torch.zeros(1, 2, 4, 4, 4))
-    with pytest.raises(ValueError, match="at least 2 voxels"):
-        M.jacobian_determinant3d(torch.zeros(1, 3, 1, 4, 4))

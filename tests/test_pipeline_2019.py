@@ -12,15 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from blob_data import blob_dataset
+from label_loops import loss_loops
 from torch import nn
 
-from tutorial_utils.registration import DEFAULTS, DEFAULTS_2019, register_images
-from tutorial_utils.train import (
+from tutorial_utils.pipeline_2019 import (
     TRAIN_DEFAULTS_2019,
     loss_2019,
     train_features_2019,
     train_features_settings_2019,
 )
+from tutorial_utils.registration import DEFAULTS, DEFAULTS_2019, register_images
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -158,9 +160,8 @@ def test_the_transcription_follows_the_slides_layout():
 
 
 def test_defaults_2019_is_complete():
-    """Every keyword that shapes the result is in DEFAULTS_2019, and DEFAULTS has the same keys."""
-    assert set(DEFAULTS_2019) == set(DEFAULTS)
-    assert DEFAULTS_2019 == {"min_kernel": 3, "avg_kernel": 5, "min_order": "last", "meanfield_kernel": 5,
+    """Every setting that shapes the result, with the 2019 values."""
+    assert DEFAULTS_2019.as_dict() == {"disp_range": 9, "min_kernel": 3, "avg_kernel": 5, "min_order": "last", "meanfield_kernel": 5,
                              "meanfield_iterations": 1, "meanfield_passes": 3, "alpha": 10.0, "normalise": False,
                              "border": "zeros", "upsample_mode": "bicubic", "prealign": "none",
                              "refine_range": None}
@@ -171,8 +172,8 @@ def test_defaults_2019_is_complete():
 def test_register_images_with_defaults_2019_is_the_slides_pipeline(disp_range, seed):
     feat_fixed, feat_mov = random_pair(seed)
     image_fixed, image_moving = shuffle(feat_fixed), shuffle(feat_mov)
-    displacement, details = register_images(image_fixed, image_moving, Unshuffle(2), disp_range,
-                                            return_details=True, **DEFAULTS_2019)
+    displacement, details = register_images(image_fixed, image_moving, Unshuffle(2), DEFAULTS_2019,
+                                            disp_range=disp_range, return_details=True)
     reference = slides_pipeline(feat_fixed, feat_mov, disp_range)
     torch.testing.assert_close(details.feat_fixed, feat_fixed, rtol=0, atol=0)
     torch.testing.assert_close(details.feat_moving, feat_mov, rtol=0, atol=0)
@@ -189,7 +190,7 @@ def test_a_batch_is_registered_pair_by_pair():
     pairs = [random_pair(seed) for seed in (2, 3)]
     images_fixed = torch.cat([shuffle(f) for f, _ in pairs])
     images_moving = torch.cat([shuffle(m) for _, m in pairs])
-    displacement = register_images(images_fixed, images_moving, Unshuffle(2), 9, chunk_size=1, **DEFAULTS_2019)
+    displacement = register_images(images_fixed, images_moving, Unshuffle(2), DEFAULTS_2019, chunk_size=1)
     for b, (feat_fixed, feat_mov) in enumerate(pairs):
         torch.testing.assert_close(displacement[b:b + 1], slides_pipeline(feat_fixed, feat_mov, 9)["displacement"],
                                    **TOL)
@@ -202,25 +203,25 @@ def test_each_2019_setting_matters(key):
     (so the comparison above can fail)."""
     feat_fixed, feat_mov = random_pair(4)
     reference = slides_pipeline(feat_fixed, feat_mov, 9)["displacement"]
-    settings = {**DEFAULTS_2019, key: DEFAULTS[key]}
-    displacement = register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2), 9, **settings)
+    settings = DEFAULTS_2019.replace(**{key: getattr(DEFAULTS, key)})
+    displacement = register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2), settings)
     assert (displacement - reference).abs().max() > 1e-3, key
 
 
 def test_the_project_defaults_differ_from_2019():
     feat_fixed, feat_mov = random_pair(5)
     reference = slides_pipeline(feat_fixed, feat_mov, 9)["displacement"]
-    ours = register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2), 9, prealign="none",
+    ours = register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2), prealign="none",
                            refine_range=None)
     assert (ours - reference).abs().max() > 0.05
-    assert not torch.allclose(register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2), 9), reference)
+    assert not torch.allclose(register_images(shuffle(feat_fixed), shuffle(feat_mov), Unshuffle(2)), reference)
 
 
 # --------------------------------------------------------------------------- the 2019 loss
 
 
 def test_train_defaults_2019_reuse_the_registration_settings():
-    assert {key: TRAIN_DEFAULTS_2019[key] for key in DEFAULTS_2019} == DEFAULTS_2019
+    assert {key: TRAIN_DEFAULTS_2019[key] for key in DEFAULTS_2019.as_dict()} == DEFAULTS_2019.as_dict()
     assert TRAIN_DEFAULTS_2019["disp_range"] == 9 and TRAIN_DEFAULTS_2019["label_downsampling"] == "bilinear"
     assert (TRAIN_DEFAULTS_2019["lr"], TRAIN_DEFAULTS_2019["accumulate"], TRAIN_DEFAULTS_2019["num_pairs"]) == \
         (2.5e-4, 4, 50)
@@ -278,11 +279,45 @@ def test_loss_2019_refuses_settings_it_cannot_follow():
 
 
 def test_train_features_2019_reads_its_settings():
-    from blob_data import blob_dataset
-
     dataset = blob_dataset(num_labels=3, size=(32, 48))
     _, history = train_features_2019(dataset, num_pairs=2, progress=False, device="cpu")
     assert history.settings["lr"] == 2.5e-4 and history.settings["accumulate"] == 4
-    assert {key: history.settings[key] for key in DEFAULTS_2019} == DEFAULTS_2019
+    assert {key: history.settings[key] for key in DEFAULTS_2019.as_dict()} == DEFAULTS_2019.as_dict()
     _, history = train_features_2019(dataset, progress=False, device="cpu", settings={"num_pairs": 1, "lr": 1e-3})
     assert len(history) == 1 and history.settings["lr"] == 1e-3
+
+
+# --------------------------------------------------------------------------- the 2019 loop on any dataset
+
+
+def test_the_2019_loop_runs():
+    dataset = blob_dataset(num_labels=3, size=(32, 48))
+    model, history = train_features_2019(dataset, num_pairs=3, progress=False, device="cpu")
+    assert len(history) == 3 and not model.training
+    loss = loss_2019(model.train(), dataset.images[:1], dataset.images[1:2], dataset.labels[:1],
+                     dataset.labels[1:2], dataset.num_labels)
+    assert loss.dim() == 0 and loss.requires_grad
+
+
+class _ZeroFeatures(torch.nn.Module):
+    """Features that are 0 everywhere: every cost is 0 (the zero padding too), so the softmax is uniform."""
+
+    def forward(self, image):
+        return torch.zeros(image.shape[0], 3, image.shape[2] // 4, image.shape[3] // 4)
+
+
+@pytest.mark.parametrize("D", [3, 5])
+def test_loss_2019_with_uniform_probabilities_matches_loops(D):
+    """Labels constant on 4 x 4 blocks (so bilinear downsampling is exact), zero features:
+    p = 1 / D^2 for every displacement, and loss_2019 is the loop loss of those probabilities."""
+    generator = torch.Generator().manual_seed(D)
+    h, w, L = 4, 5, 3
+    blocks = torch.randint(0, L, (2, 1, h, w), generator=generator)
+    fixed, moving = (b.repeat_interleave(4, 1).repeat_interleave(4, 2) for b in blocks)  # [1, 16, 20]
+    uniform = torch.full((1, D * D, h, w), 1.0 / D**2, dtype=torch.float64)
+    expected = loss_loops(uniform, fixed, moving, L)
+    images = torch.rand(2, 1, 4 * h, 4 * w, generator=generator)
+    loss = loss_2019(_ZeroFeatures(), images[:1], images[1:], fixed, moving, L, disp_range=D)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() > 0.1  # the labels differ: the check is not 0 == 0
+

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tutorial_utils import metrics as M
+from tutorial_utils import prealign as P
 from tutorial_utils import registration as G
 from tutorial_utils import transform as T
 from tutorial_utils.models import FeatureCNN
@@ -50,7 +51,7 @@ def test_the_2019_defaults_run_and_recover_a_translation():
     moving = shifted(fixed, -5, 4)
     # MIND: the 2019 pipeline does not normalise the costs, and the SSD of raw intensities is
     # too small for alpha = 10 (measured: intensity features recover only (-1.8, 0.6) of (-5, 4))
-    disp = G.register_images(fixed, moving, "mind", **G.DEFAULTS_2019)
+    disp = G.register_images(fixed, moving, "mind", G.DEFAULTS_2019)
     inner = disp[0, :, 20:44, 24:56].mean(dim=(1, 2))
     # measured errors (dy, dx): (0.41, 0.44) px: tolerance ~2x
     assert torch.allclose(inner, torch.tensor([-5.0, 4.0]), atol=0.9), inner
@@ -76,11 +77,11 @@ def test_moments_affine_inverts_a_known_affine():
     B = torch.tensor([[[scale * math.cos(angle), -scale * math.sin(angle), 3.0],
                        [scale * math.sin(angle), scale * math.cos(angle), -5.0]]])
     moving = T.warp(fixed, T.affine_displacement(B, (96, 128)), padding_mode="zeros")  # moving[p] = fixed[Bp]
-    A = G.moments_affine(fixed, moving)  # warped[p] = moving[Ap] = fixed[BAp]: A should invert B
+    A = P.moments_affine(fixed, moving)  # warped[p] = moving[Ap] = fixed[BAp]: A should invert B
     B3 = torch.cat([B[0], torch.tensor([[0.0, 0.0, 1.0]])])
     A3 = torch.cat([A[0], torch.tensor([[0.0, 0.0, 1.0]])])
     assert torch.allclose(B3 @ A3, torch.eye(3), atol=0.05), B3 @ A3
-    refined = G.refine_affine(fixed, moving, A, iterations=30)
+    refined = P.refine_affine(fixed, moving, A, iterations=30)
     R3 = torch.cat([refined[0], torch.tensor([[0.0, 0.0, 1.0]])])
     assert torch.allclose(B3 @ R3, torch.eye(3), atol=0.06)
 
@@ -191,3 +192,32 @@ def test_a_feature_model_on_another_device_gets_a_clear_error():
     image = torch.rand(1, 1, 16, 16)
     with pytest.raises(ValueError, match="the feature model is on meta but the images are on cpu"):
         G.register_images(image, image, model)
+
+
+# --------------------------------------------------------------------------- the settings object
+
+
+def test_settings_are_checked_when_made_and_replaced_by_name():
+    assert G.DEFAULTS == G.RegistrationSettings() and G.DEFAULTS_2019 != G.DEFAULTS
+    changed = G.DEFAULTS.replace(alpha=30, disp_range=7)
+    assert (changed.alpha, changed.disp_range, changed.min_kernel) == (30.0, 7, G.DEFAULTS.min_kernel)
+    assert isinstance(changed.alpha, float) and G.DEFAULTS.alpha == 100.0  # a copy; the original stays
+    assert changed.regularisation() == {key: getattr(changed, key) for key in G.REGULARISATION_KEYS}
+    with pytest.raises(TypeError, match="unknown registration setting.*alpah"):
+        G.DEFAULTS.replace(alpah=30)
+    with pytest.raises(ValueError, match="refine_range must be an odd integer"):
+        G.DEFAULTS.replace(refine_range=0)  # None means "no second search"; 0 is not a size
+    with pytest.raises(ValueError, match="upsample_mode must be one of"):
+        G.RegistrationSettings(upsample_mode="nearest")
+    with pytest.raises(TypeError, match="settings must be a RegistrationSettings.*write disp_range=7"):
+        G.register_images(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), "intensity", 7)
+    with pytest.raises(TypeError, match="settings must be a RegistrationSettings"):
+        G.register_images(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), "intensity", G.DEFAULTS.as_dict())
+
+
+def test_keyword_changes_equal_a_replaced_settings_object():
+    fixed, moving = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3)).split(1)
+    by_keyword = G.register_images(fixed, moving, "intensity", G.DEFAULTS_2019, alpha=30.0, disp_range=5)
+    by_object = G.register_images(fixed, moving, "intensity", G.DEFAULTS_2019.replace(alpha=30.0, disp_range=5))
+    assert torch.equal(by_keyword, by_object)
+    assert not torch.equal(by_keyword, G.register_images(fixed, moving, "intensity", G.DEFAULTS_2019))

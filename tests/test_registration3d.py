@@ -1,5 +1,6 @@
-"""The 3D pipeline: warping (transform), 3D MIND-SSC (features), register_volumes and the
-sparse pdd_net variant (registration), on closed forms and a small phantom pair."""
+"""The 3D pipeline of tutorial_utils.three_d: warping (transform), 3D MIND-SSC (features),
+register_volumes (registration) and the sparse pdd_net variant (sparse), on closed forms and a
+small phantom pair."""
 
 from __future__ import annotations
 
@@ -8,16 +9,12 @@ import itertools
 import pytest
 import torch
 
-from tutorial_utils import features as FT
 from tutorial_utils.metrics import dice
 from tutorial_utils.phantom import NUM_LABELS, make_phantom_volume
-from tutorial_utils.registration import (
-    cost_volume3d,
-    extract_features3d,
-    register_volumes,
-    register_volumes_sparse,
-)
-from tutorial_utils.transform import (
+from tutorial_utils.three_d import features as FT
+from tutorial_utils.three_d.registration import cost_volume3d, extract_features3d, register_volumes
+from tutorial_utils.three_d.sparse import register_volumes_sparse
+from tutorial_utils.three_d.transform import (
     interpolate_control_field3d,
     upsample_displacement3d,
     warp3d,

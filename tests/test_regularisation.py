@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tutorial_utils import regularisation as R
+from tutorial_utils.offsets import displacement_offsets
 
 
 def brute_force_min_convolution(cost, disp_range, lam):
@@ -36,7 +37,7 @@ def two_thousand_nineteen_minconv(cost, disp_range):
 
 
 def test_offsets_order():
-    offsets = R.displacement_offsets(5)
+    offsets = displacement_offsets(5)
     assert offsets.shape == (25, 2)
     for i, j in itertools.product(range(5), range(5)):
         assert offsets[i * 5 + j].tolist() == [i - 2, j - 2]
@@ -175,7 +176,7 @@ def test_soft_displacement_peaked_cost_gives_its_offset():
 def test_soft_displacement_is_sub_pixel():
     """A parabola centred between the grid points: the soft arg-min lands near the true minimum."""
     D = 9
-    offsets = R.displacement_offsets(D, dtype=torch.float64)
+    offsets = displacement_offsets(D, dtype=torch.float64)
     true = torch.tensor([1.3, -0.6], dtype=torch.float64)
     cost = 0.05 * ((offsets - true) ** 2).sum(1).view(1, D * D, 1, 1)
     _, displacement = R.soft_displacement(cost, D, alpha=10.0)

@@ -1,5 +1,6 @@
-"""3D regularisation: min-convolution (exact and approximate), mean field, soft arg-min, and
-their sparse (pdd_net) counterparts, against brute-force loops, the pooling recipe and 2D."""
+"""tutorial_utils.three_d.regularisation: min-convolution (exact and approximate), mean field,
+soft arg-min, and their sparse (pdd_net) counterparts, against brute-force loops, the pooling
+recipe and 2D."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_utils import regularisation as R
+from tutorial_utils import regularisation as R2
+from tutorial_utils.three_d import regularisation as R
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -92,7 +94,7 @@ def test_min_convolution_reduces_to_2d_for_costs_constant_in_dz():
     cost2d = torch.rand(1, 25, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     cost3d = cost2d.view(1, 1, 25, 3, 4).expand(1, 5, 25, 3, 4).reshape(1, 125, 1, 3, 4)
     out3d = R.min_convolution3d(cost3d, 5, 3, 3, 2).view(1, 5, 25, 3, 4)
-    out2d = R.min_convolution(cost2d, 5, 3, 3, 2)
+    out2d = R2.min_convolution(cost2d, 5, 3, 3, 2)
     for i in range(5):
         torch.testing.assert_close(out3d[:, i], out2d)
 
@@ -123,7 +125,7 @@ def test_mean_field_against_a_direct_average(monkeypatch):
     # a cost constant along z is averaged like the 2D mean field
     flat = torch.rand(1, 3, 4, 5, dtype=torch.float64)
     out3d = R.mean_field3d(flat[:, :, None].expand(1, 3, 4, 4, 5).contiguous(), 3, 2)
-    torch.testing.assert_close(out3d[:, :, 1], R.mean_field(flat, kernel=3, passes=2))
+    torch.testing.assert_close(out3d[:, :, 1], R2.mean_field(flat, kernel=3, passes=2))
 
 
 def test_regularise3d_composes():

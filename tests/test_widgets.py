@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tutorial_utils import metrics, widgets
+from tutorial_utils import explorer, metrics, widgets
 from tutorial_utils.data import Dataset
 from tutorial_utils.phantom import LABEL_NAMES, make_phantom
 
@@ -30,8 +30,8 @@ def dataset() -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def result_pair(dataset) -> widgets.ExplorerResult:
-    return widgets.explore_registration(dataset, 2, 3)
+def result_pair(dataset) -> explorer.ExplorerResult:
+    return explorer.explore_registration(dataset, 2, 3)
 
 
 def _dice_numpy(a: np.ndarray, b: np.ndarray, value: int) -> float:
@@ -52,7 +52,7 @@ def test_result_shapes_and_types(dataset, result_pair):
     assert r.labels_warped.dtype == torch.int64
     assert r.displacement.shape == (1, 2, H, W)
     assert (r.fixed_id, r.moving_id) == (2, 3)
-    assert r.parameters == {**widgets.DEFAULT_PARAMETERS, "features": "mind"}
+    assert r.parameters == {**explorer.DEFAULT_PARAMETERS, "features": "mind"}
     assert r.runtime_s > 0
     assert 0.0 <= r.folding_fraction <= 1.0
     assert torch.equal(r.image_fixed[0], dataset.images[2])
@@ -89,8 +89,8 @@ def test_zero_displacement_gives_back_the_moving_image(dataset, monkeypatch):
         B, _, H, W = image_fixed.shape
         return torch.zeros(B, 2, H, W)
 
-    monkeypatch.setattr(widgets.registration, "register_images", no_motion)
-    r = widgets.explore_registration(dataset, 2, 3)
+    monkeypatch.setattr(explorer.registration, "register_images", no_motion)
+    r = explorer.explore_registration(dataset, 2, 3)
     assert torch.allclose(r.image_warped, r.image_moving, atol=1e-4)  # grid_sample round-off
     assert torch.equal(r.labels_warped, r.labels_moving)
     assert r.dice_after == r.dice_before
@@ -106,8 +106,8 @@ def test_a_known_translation_is_applied(dataset, monkeypatch):
         u[:, 1] = 3.0
         return u
 
-    monkeypatch.setattr(widgets.registration, "register_images", shift)
-    r = widgets.explore_registration(dataset, 2, 3)
+    monkeypatch.setattr(explorer.registration, "register_images", shift)
+    r = explorer.explore_registration(dataset, 2, 3)
     assert torch.allclose(r.image_warped[..., :-3], r.image_moving[..., 3:], atol=1e-5)
     assert torch.equal(r.labels_warped[..., :-3], r.labels_moving[..., 3:])
 
@@ -120,8 +120,8 @@ def test_parameters_reach_register_images(dataset, monkeypatch):
         B, _, H, W = image_fixed.shape
         return torch.zeros(B, 2, H, W)
 
-    monkeypatch.setattr(widgets.registration, "register_images", spy)
-    widgets.explore_registration(dataset, 2, 3, disp_range=7, min_kernel=5, avg_kernel=1,
+    monkeypatch.setattr(explorer.registration, "register_images", spy)
+    explorer.explore_registration(dataset, 2, 3, disp_range=7, min_kernel=5, avg_kernel=1,
                                  meanfield_kernel=3, meanfield_iterations=2, alpha=2.5,
                                  features="intensity")
     assert seen == {"features": "intensity", "disp_range": 7, "min_kernel": 5, "avg_kernel": 1,
@@ -130,7 +130,7 @@ def test_parameters_reach_register_images(dataset, monkeypatch):
 
 def test_identical_images_need_no_motion(dataset):
     """Slices 0 and 1 are the same: Dice before is 1, and registration must not move organs."""
-    r = widgets.explore_registration(dataset, 0, 1)
+    r = explorer.explore_registration(dataset, 0, 1)
     assert all(v == 1.0 for v in r.dice_before.values())
     organs = r.labels_fixed[0] > 0
     motion = r.displacement[0].norm(dim=0)[organs]  # [pixels inside organs], px
@@ -159,7 +159,7 @@ def test_identical_images_need_no_motion(dataset):
 )
 def test_bad_parameters_raise(dataset, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):  # TypeError: a float/bool/str where a number belongs
-        widgets.explore_registration(dataset, 2, 3, **kwargs)
+        explorer.explore_registration(dataset, 2, 3, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +169,7 @@ def test_bad_parameters_raise(dataset, kwargs, message):
 )
 def test_bad_ids_raise(dataset, fixed_id, moving_id, message):
     with pytest.raises(ValueError, match=message):
-        widgets.explore_registration(dataset, fixed_id, moving_id)
+        explorer.explore_registration(dataset, fixed_id, moving_id)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -177,15 +177,15 @@ def test_bad_ids_raise(dataset, fixed_id, moving_id, message):
 
 def test_displacement_colours():
     field = np.zeros((2, 4, 4))
-    assert np.allclose(widgets.displacement_to_rgb(field), 1.0)  # no motion: white
+    assert np.allclose(explorer.displacement_to_rgb(field), 1.0)  # no motion: white
     field[1] = 2.0  # everything moves right by 2 px
-    right = widgets.displacement_to_rgb(field)
+    right = explorer.displacement_to_rgb(field)
     field[1] = -2.0
-    left = widgets.displacement_to_rgb(field)
+    left = explorer.displacement_to_rgb(field)
     assert right.shape == (4, 4, 3) and 0 <= right.min() and right.max() <= 1
     assert not np.allclose(right, left)  # direction changes the hue
     assert right.min() == pytest.approx(0.0)  # full length is fully saturated
-    half = widgets.displacement_to_rgb(field, scale=4.0)
+    half = explorer.displacement_to_rgb(field, scale=4.0)
     assert half.min() == pytest.approx(0.5)  # half the scale: half saturated
 
 
@@ -193,19 +193,19 @@ def test_plot_and_png(result_pair):
     import matplotlib.pyplot as plt
 
     figures_before = set(plt.get_fignums())
-    fig = widgets.plot_explorer_result(result_pair)
+    fig = explorer.plot_explorer_result(result_pair)
     try:
         assert len(fig.axes) >= 4
         assert "mean Dice" in fig._suptitle.get_text()
     finally:
         plt.close(fig)
-    png = widgets.render_png(result_pair)
+    png = explorer.render_png(result_pair)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(plt.get_fignums()) == figures_before  # the PNG path leaves no pyplot figure behind
 
 
 def test_dice_table_lists_every_organ(result_pair):
-    table = widgets.dice_table_html(result_pair)
+    table = explorer.dice_table_html(result_pair)
     for name in result_pair.dice_before:
         assert name in table
     assert f"{result_pair.mean_dice_after:.3f}" in table
@@ -216,64 +216,64 @@ def test_dice_table_lists_every_organ(result_pair):
 
 
 def test_explorer_builds_and_shows_the_default(dataset):
-    explorer = widgets.RegistrationExplorer(dataset, debounce_s=0)
-    assert [value for _, value in explorer.fixed_dropdown.options][:2] == [1, 0]  # test ids first
-    assert (explorer.fixed_dropdown.value, explorer.moving_dropdown.value) == (1, 0)
-    assert explorer.parameters() == widgets.DEFAULT_PARAMETERS
-    assert explorer.updates == 1 and explorer.error is None
-    assert explorer.result.parameters["disp_range"] == 9
-    assert explorer.figure.value[:4] == b"\x89PNG"
-    assert "Dice" in explorer.dice_html.value and "%" in explorer.folding_html.value
-    assert "ready" in explorer.status.value
-    for widget, css in [(explorer.panel, "l2r-explorer"), (explorer.dice_html, "l2r-dice"),
-                        (explorer.figure, "l2r-figure"), (explorer.alpha_slider, "l2r-alpha"),
-                        (explorer.disp_range_slider, "l2r-disp-range"),
-                        (explorer.folding_html, "l2r-folding"), (explorer.status, "l2r-status")]:
+    panel = widgets.RegistrationExplorer(dataset, debounce_s=0)
+    assert [value for _, value in panel.fixed_dropdown.options][:2] == [1, 0]  # test ids first
+    assert (panel.fixed_dropdown.value, panel.moving_dropdown.value) == (1, 0)
+    assert panel.parameters() == explorer.DEFAULT_PARAMETERS
+    assert panel.updates == 1 and panel.error is None
+    assert panel.result.parameters["disp_range"] == 9
+    assert panel.figure.value[:4] == b"\x89PNG"
+    assert "Dice" in panel.dice_html.value and "%" in panel.folding_html.value
+    assert "ready" in panel.status.value
+    for widget, css in [(panel.panel, "l2r-explorer"), (panel.dice_html, "l2r-dice"),
+                        (panel.figure, "l2r-figure"), (panel.alpha_slider, "l2r-alpha"),
+                        (panel.disp_range_slider, "l2r-disp-range"),
+                        (panel.folding_html, "l2r-folding"), (panel.status, "l2r-status")]:
         assert css in widget._dom_classes
-    assert all(not s.continuous_update for s in explorer.sliders)
-    bundle = explorer._repr_mimebundle_()
+    assert all(not s.continuous_update for s in panel.sliders)
+    bundle = panel._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
 
 
 def test_moving_a_slider_recomputes(dataset):
-    explorer = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0)
-    first, html_before = explorer.result, explorer.dice_html.value
-    explorer.disp_range_slider.value = 3
-    assert explorer.updates == 2
-    assert explorer.result is not first
-    assert explorer.result.parameters["disp_range"] == 3
-    assert explorer.dice_html.value != html_before
-    explorer.moving_dropdown.value = 0
-    assert explorer.updates == 3 and explorer.result.moving_id == 0
+    panel = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0)
+    first, html_before = panel.result, panel.dice_html.value
+    panel.disp_range_slider.value = 3
+    assert panel.updates == 2
+    assert panel.result is not first
+    assert panel.result.parameters["disp_range"] == 3
+    assert panel.dice_html.value != html_before
+    panel.moving_dropdown.value = 0
+    assert panel.updates == 3 and panel.result.moving_id == 0
 
 
 def test_same_slice_twice_is_reported_not_raised(dataset):
-    explorer = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0)
-    explorer.moving_dropdown.value = 2
-    assert explorer.updates == 1
-    assert "different" in explorer.status.value and explorer.error
+    panel = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0)
+    panel.moving_dropdown.value = 2
+    assert panel.updates == 1
+    assert "different" in panel.status.value and panel.error
 
 
 def test_changes_are_debounced_on_the_event_loop(dataset):
     """In a kernel (an event loop runs), a burst of changes costs one recomputation."""
-    explorer = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0.05)
+    panel = widgets.RegistrationExplorer(dataset, fixed_id=2, moving_id=3, debounce_s=0.05)
 
     async def burst():
-        explorer.alpha_slider.value = 1.0
-        explorer.alpha_slider.value = 2.0
-        explorer.meanfield_iterations_slider.value = 2
-        assert explorer.pending and explorer.updates == 1
-        assert "waiting" in explorer.status.value
+        panel.alpha_slider.value = 1.0
+        panel.alpha_slider.value = 2.0
+        panel.meanfield_iterations_slider.value = 2
+        assert panel.pending and panel.updates == 1
+        assert "waiting" in panel.status.value
         for _ in range(600):  # at most 60 s
             await asyncio.sleep(0.1)
-            if not explorer.pending:
+            if not panel.pending:
                 break
 
     asyncio.run(burst())
-    assert not explorer.pending
-    assert explorer.updates == 2
-    assert explorer.result.parameters["alpha"] == pytest.approx(2.0)
-    assert explorer.result.parameters["meanfield_iterations"] == 2
+    assert not panel.pending
+    assert panel.updates == 2
+    assert panel.result.parameters["alpha"] == pytest.approx(2.0)
+    assert panel.result.parameters["meanfield_iterations"] == 2
 
 
 def test_explorer_rejects_bad_arguments(dataset):

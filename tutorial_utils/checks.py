@@ -37,6 +37,8 @@ __all__ = [
     "check_displacement",
     "check_cost_volume",
     "check_feature_pair",
+    "check_image_pair",
+    "check_volume_pair",
     "argument_type",
 ]
 
@@ -251,6 +253,42 @@ def check_feature_pair(feat_fixed: object, feat_moving: object, *, ndim: int = 2
     check_same("feat_fixed", feat_fixed, "feat_moving", feat_moving, shape=True, device=True)
     check_finite("feat_fixed", feat_fixed)
     check_finite("feat_moving", feat_moving)
+
+
+def _check_pair(check: Callable, fixed: tuple[str, object], moving: tuple[str, object], multiple_of: int) -> None:
+    """A fixed and a moving image (``check_image``) or volume (``check_volume``), given as (name, tensor).
+
+    Both floating point (integer images get a hint to convert them), on one device, of one
+    shape, spatial sizes divisible by ``multiple_of``, and finite: one NaN or inf pixel would
+    otherwise spread through the pre-alignment into a NaN sampling grid (which can crash the
+    process in grid_sample's backward pass) or into every cost.
+    """
+    for name, image in (fixed, moving):
+        if isinstance(image, torch.Tensor) and not (image.is_floating_point() or image.is_complex()):
+            raise ValueError(f"{name} must be floating point with intensities in [0, 1], got {image.dtype}: "
+                             f"convert it first, e.g. {name}.float() / 255 for uint8 images")
+        check(name, image, finite=False)
+    (name_f, image_f), (name_m, image_m) = fixed, moving
+    check_same(name_f, image_f, name_m, image_m, device=True)  # before the NaN check: it reads the values
+    if image_f.shape != image_m.shape:
+        raise ValueError(f"{name_f} {list(image_f.shape)} and {name_m} {list(image_m.shape)} differ in shape: "
+                         f"register pairs of the same size (crop or pad one of them)")
+    spatial = tuple(image_f.shape[2:])
+    if any(n % multiple_of for n in spatial):
+        raise ValueError(f"the sizes {list(spatial)} of {name_f} and {name_m} must be divisible by {multiple_of} "
+                         f"(the features are at 1/{multiple_of} resolution); crop or pad them")
+    check_finite(name_f, image_f)
+    check_finite(name_m, image_m)
+
+
+def check_image_pair(image_fixed: object, image_moving: object, multiple_of: int = 1) -> None:
+    """Images [B, 1, H, W] to register: floating point, finite, same shape and device, H and W divisible by ``multiple_of``."""
+    _check_pair(check_image, ("image_fixed", image_fixed), ("image_moving", image_moving), multiple_of)
+
+
+def check_volume_pair(volume_fixed: object, volume_moving: object, multiple_of: int = 1) -> None:
+    """Volumes [B, 1, Z, Y, X] to register: as :func:`check_image_pair`, one dimension up."""
+    _check_pair(check_volume, ("volume_fixed", volume_fixed), ("volume_moving", volume_moving), multiple_of)
 
 
 # --------------------------------------------------------------------------- command lines

@@ -3,7 +3,7 @@
 Taught in notebook 06 ("Your scans, and how it compares"). :func:`register_ants_syn` (ANTs
 SyN, through ``antspyx``) and :func:`register_elastix` (elastix affine + B-spline, through
 ``itk-elastix``) take the tutorial's images and return the tutorial's displacement, so that
-:func:`~tutorial_utils.train.evaluate_registration` measures them with exactly the code
+:func:`~tutorial_utils.evaluation.evaluate_registration` measures them with exactly the code
 that measures the discrete pipeline (its ``register=`` argument)::
 
     images [B, 1, H, W] float in [0, 1]  ->  displacement [B, 2, H, W] (dy, dx) in pixels,

@@ -5,16 +5,16 @@ Taught in notebook 05 ("Why discrete?"). VoxelMorph-style registration networks
 :class:`~tutorial_utils.models.DisplacementUNet` plays that part, under conditions that are
 as close as possible to those of the discrete network of :mod:`~tutorial_utils.train`:
 
-* the same weak supervision: random ordered pairs of ``dataset.train_ids`` only, the organ
-  labels (no correspondences), the same slices pre-aligned the same way
-  (:func:`~tutorial_utils.train._prepare_training_data` with
-  ``pipeline_defaults()["prealign"]``), ``images_per_step`` slices per step and all their
-  n(n-1) ordered pairs, Adam with a cosine decay to 5% of ``lr``;
+* the same weak supervision and the same loop (:mod:`~tutorial_utils.training`): random
+  ordered pairs of ``dataset.train_ids`` only, the organ labels (no correspondences), the
+  same slices pre-aligned the same way (``pipeline_defaults()["prealign"]``),
+  ``images_per_step`` slices per step and all their n(n-1) ordered pairs, Adam with a
+  cosine decay to 5% of ``lr`` (:func:`~tutorial_utils.training.train_loop`);
 * the loss: the moving one-hot labels (full resolution) are warped bilinearly with the
-  predicted field and compared with the fixed ones (:func:`label_loss`: by default the
-  squared difference summed over the labels, background included, as in the discrete
-  network's loss; soft Dice is the alternative), plus ``diffusion_weight`` times
-  :func:`~tutorial_utils.train.diffusion_penalty` of the field;
+  predicted field and compared with the fixed ones (:func:`~tutorial_utils.losses.label_loss`:
+  by default the squared difference summed over the labels, background included, as in the
+  discrete network's loss; soft Dice is the alternative), plus ``diffusion_weight`` times
+  :func:`~tutorial_utils.losses.diffusion_penalty` of the field;
 * at test time :func:`register_unet` starts from the same pre-alignment as
   :func:`~tutorial_utils.registration.register_images` and composes the two fields.
 
@@ -25,37 +25,35 @@ the shipped feature CNN; how it was made is in ``checkpoints/README.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checks import argument_type, check_choice, check_int, check_number
-from .data import Dataset
+from .checks import argument_type, check_choice, check_image_pair, check_int, check_number
+from .data import Dataset, _check_dataset
 from .environment import choose_device
+from .evaluation import evaluate_registration
+from .losses import LABEL_LOSSES, diffusion_penalty, label_loss
 from .models import DisplacementUNet
-from .registration import PREALIGN_MODES, _check_images, prealign_displacement
-from .train import (
+from .prealign import PREALIGN_MODES, prealign_displacement
+from .training import (
     TRAINING_PREALIGN,
     LossHistory,
-    _check_dataset,
     _check_training,
-    _cpu_settings,
     _prepare_training_data,
     _training_ids,
     add_run_arguments,
-    diffusion_penalty,
-    evaluate_registration,
     load_state_dict,
     non_negative_float,
     pipeline_defaults,
     positive_float,
     positive_int,
-    save_features,
+    save_state_dict,
+    seeded,
+    train_loop,
 )
 from .transform import compose_displacements, warp
 
@@ -63,7 +61,6 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_PAIRS",
     "UNET_CHECKPOINT",
-    "label_loss",
     "load_unet",
     "main",
     "measure_rates",
@@ -108,35 +105,8 @@ registration, 0.419 after the affine pre-alignment alone, 0.454 with MIND-SSC):
 Several of these runs were made on a GPU (same code, ``device="cuda"``) to fit the search
 in the time available; the shipped checkpoint was trained on the CPU."""
 
-LOSSES = ("mse", "dice")
-
 
 # =========================================================================== the loss
-
-
-def label_loss(warped: torch.Tensor, onehot_fixed: torch.Tensor, loss: str = "mse") -> torch.Tensor:
-    """Per-pair label loss [B] between warped moving and fixed one-hot maps [B, L, H, W].
-
-    * ``"dice"``: ``1 - mean_l 2 sum(w_l f_l) / (sum w_l + sum f_l)`` over the foreground labels
-      (l >= 1) present in either map of the pair (the background would dominate the mean
-      and says nothing about the organs; a label in neither map is skipped, so a pair with
-      no organ at all has loss 0);
-    * ``"mse"``: ``mean_{y, x} sum_l (w_l - f_l)**2`` over all labels, background included:
-      the loss of the discrete network (:func:`~tutorial_utils.train.nonlocal_label_loss`),
-      at full resolution.
-    """
-    if warped.shape != onehot_fixed.shape or warped.dim() != 4:
-        raise ValueError(f"warped {tuple(warped.shape)} and onehot_fixed {tuple(onehot_fixed.shape)} "
-                         f"must both be [B, L, H, W]")
-    if loss == "mse":
-        return ((warped - onehot_fixed) ** 2).sum(1).flatten(1).mean(1)
-    if loss != "dice":
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    w, f = warped[:, 1:].flatten(2), onehot_fixed[:, 1:].flatten(2)  # [B, L-1, H*W]
-    total = w.sum(2) + f.sum(2)  # [B, L-1]
-    present = (total > 1e-6).to(warped.dtype)
-    dice = 2 * (w * f).sum(2) / total.clamp_min(1e-6)
-    return ((1 - dice) * present).sum(1) / present.sum(1).clamp_min(1)
 
 
 def unet_loss(model: nn.Module, images: torch.Tensor, onehot: torch.Tensor, diffusion_weight: float = 0.0,
@@ -148,9 +118,10 @@ def unet_loss(model: nn.Module, images: torch.Tensor, onehot: torch.Tensor, diff
         images: [n, 1, H, W]. onehot: [n, L, H, W] one-hot labels (full resolution).
 
     Returns:
-        a scalar: mean over the pairs of :func:`label_loss` (the moving one-hot maps warped
-        bilinearly with the predicted field, border padding) plus ``diffusion_weight`` times
-        :func:`~tutorial_utils.train.diffusion_penalty` of the field (image pixels).
+        a scalar: mean over the pairs of :func:`~tutorial_utils.losses.label_loss` (the moving
+        one-hot maps warped bilinearly with the predicted field, border padding) plus
+        ``diffusion_weight`` times :func:`~tutorial_utils.losses.diffusion_penalty` of the
+        field (image pixels).
     """
     n = images.shape[0]
     if n < 2:
@@ -170,36 +141,20 @@ def unet_loss(model: nn.Module, images: torch.Tensor, onehot: torch.Tensor, diff
 # =========================================================================== training
 
 
-def _cosine(lr: float, progress: float) -> float:
-    """Cosine decay from ``lr`` to 5% of it as ``progress`` goes from 0 to 1."""
-    low = 0.05 * lr
-    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def train_unet(
-    dataset: Dataset,
-    num_pairs: int | None = None,
-    seconds: float | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    *,
-    lr: float = DEFAULTS["lr"],
-    diffusion_weight: float = DEFAULTS["diffusion_weight"],
-    images_per_step: int = DEFAULTS["images_per_step"],
-    loss: str = DEFAULTS["loss"],
-    prealign: str | None = "default",
-    train_ids: Sequence[int] | None = None,
-    threads: int | None = None,
-    model: nn.Module | None = None,
-) -> tuple[nn.Module, LossHistory]:
+def train_unet(dataset: Dataset, num_pairs: int | None = None, seconds: float | None = None, seed: int = 0,
+               device: str | torch.device | None = None, progress: bool = True, *, lr: float = DEFAULTS["lr"],
+               diffusion_weight: float = DEFAULTS["diffusion_weight"],
+               images_per_step: int = DEFAULTS["images_per_step"], loss: str = DEFAULTS["loss"],
+               prealign: str | None = "default", train_ids: Sequence[int] | None = None, threads: int | None = None,
+               model: nn.Module | None = None) -> tuple[nn.Module, LossHistory]:
     """Train a :class:`~tutorial_utils.models.DisplacementUNet` on random pairs of training slices.
 
     The weak supervision of :func:`~tutorial_utils.train.train_features`: every step draws
     ``images_per_step`` training slices (``dataset.train_ids`` only), pre-aligned once per
     slice exactly as there, and uses all n(n-1) ordered pairs among them as one batch;
-    the loss is :func:`unet_loss`. Adam, cosine decay of the learning rate to 5% of
-    ``lr``. Deterministic on the CPU for a given ``seed`` and ``num_pairs`` (the global
+    the loss is :func:`unet_loss`. The loop of the feature CNN
+    (:func:`~tutorial_utils.training.train_loop`): Adam, cosine decay of the learning rate
+    to 5% of ``lr``. Deterministic on the CPU for a given ``seed`` and ``num_pairs`` (the global
     random state is left untouched); denormals flushed and ``threads`` threads (default 1)
     while it runs, as in ``train_features``.
 
@@ -218,7 +173,7 @@ def train_unet(
         lr: Adam's initial learning rate. diffusion_weight: weight of the diffusion penalty.
         images_per_step: slices per step (n, at most the number of training slices).
         loss: "mse" (squared one-hot difference, background included) or "dice" (soft
-            Dice over the foreground labels), see :func:`label_loss`.
+            Dice over the foreground labels), see :func:`~tutorial_utils.losses.label_loss`.
         prealign: how the training slices are aligned once per slice ("none", "com",
             "moments"; "affine" means "moments"); default: register_images' pre-alignment.
         train_ids: slices to train on (default ``dataset.train_ids``).
@@ -227,10 +182,8 @@ def train_unet(
 
     Returns:
         ``(model, history)``: the model (on ``device``, eval mode) and a
-        :class:`~tutorial_utils.train.LossHistory` (one loss per step, pairs, seconds).
+        :class:`~tutorial_utils.training.LossHistory` (one loss per step, pairs, seconds).
     """
-    from tqdm.auto import tqdm
-
     _check_dataset(dataset)
     if seconds is not None:
         seconds = check_number("seconds", seconds, 0, strict_minimum=True)
@@ -241,61 +194,32 @@ def train_unet(
     ids = _training_ids(dataset, train_ids)
     seed, images_per_step, lr, diffusion_weight, threads = _check_training(
         seed, images_per_step, lr, diffusion_weight, threads)
-    check_choice("loss", loss, LOSSES)
+    check_choice("loss", loss, LABEL_LOSSES)
     prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
     check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
     device = choose_device(str(device)) if device is not None else choose_device()
     n = min(images_per_step, len(ids))
-    pairs_per_step = n * (n - 1)
-    steps = -(-num_pairs // pairs_per_step) if num_pairs is not None else None
+    steps = -(-num_pairs // (n * (n - 1))) if num_pairs is not None else None
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed, device) as generator:
         model = (model if model is not None else DisplacementUNet()).to(device)
         stride = getattr(model, "total_stride", 1)
         H, W = dataset.image_size
         if H % stride or W % stride:
             raise ValueError(f"the images ({H}x{W}) must be divisible by the U-Net's total stride {stride}")
-        generator = torch.Generator().manual_seed(seed)
         images, onehot = _prepare_training_data(dataset, ids, prealign, device, stride=1)  # [N,1,H,W], [N,L,H,W]
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-        history = LossHistory()
-        history.pairs_per_step = pairs_per_step
-        history.settings = {"num_pairs": num_pairs, "seconds": seconds, "seed": seed, "device": str(device),
-                            "lr": lr, "diffusion_weight": diffusion_weight, "images_per_step": n, "loss": loss,
-                            "prealign": prealign, "steps": steps, "threads": threads,
-                            "channels": getattr(model, "channels", None),
-                            "flow_level": getattr(model, "flow_level", None)}
-        model.train()
-        total = steps * pairs_per_step if steps is not None else None
-        bar = tqdm(total=total, unit="pairs", disable=not progress, desc="training the U-Net")
-        running = None
-        step = 0
-        with _cpu_settings(device, threads):
-            start = time.perf_counter()
-            while True:
-                elapsed = time.perf_counter() - start
-                fraction = max(step / steps if steps else 0.0, elapsed / seconds if seconds else 0.0)
-                if (steps is not None and step >= steps) or (seconds is not None and elapsed >= seconds):
-                    break
-                for group in optimiser.param_groups:
-                    group["lr"] = _cosine(lr, fraction)
-                chosen = torch.randperm(len(ids), generator=generator)[:n].to(device)  # [n]
-                value = unet_loss(model, images[chosen], onehot[chosen], diffusion_weight, loss)
-                optimiser.zero_grad(set_to_none=True)
-                value.backward()
-                optimiser.step()
-                step += 1
-                history.append(float(value.detach()))
-                running = history[-1] if running is None else 0.9 * running + 0.1 * history[-1]
-                bar.update(pairs_per_step)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            history.seconds = time.perf_counter() - start
-        history.pairs = step * pairs_per_step
-        bar.close()
-    return model.eval(), history
+        settings = {"num_pairs": num_pairs, "seconds": seconds, "seed": seed, "device": str(device), "lr": lr,
+                    "diffusion_weight": diffusion_weight, "images_per_step": n, "loss": loss, "prealign": prealign,
+                    "steps": steps, "threads": threads, "channels": getattr(model, "channels", None),
+                    "flow_level": getattr(model, "flow_level", None)}
+
+        def group_loss(chosen: torch.Tensor) -> torch.Tensor:
+            return unet_loss(model, images[chosen], onehot[chosen], diffusion_weight, loss)
+
+        history = train_loop(model, group_loss, num_slices=len(ids), images_per_step=n, lr=lr,
+                             generator=generator, device=device, steps=steps, seconds=seconds, threads=threads,
+                             progress=progress, desc="training the U-Net", schedule="cosine", settings=settings)
+    return model, history
 
 
 def measure_rates(dataset: Dataset, num_pairs: int = 240, threads: int | None = 1, seed: int = 0,
@@ -333,7 +257,7 @@ def register_unet(model: nn.Module, image_fixed: torch.Tensor, image_moving: tor
     """Register ``image_moving`` to ``image_fixed`` with the U-Net, after the usual pre-alignment.
 
     1. the pre-alignment of :func:`~tutorial_utils.registration.register_images`
-       (:func:`~tutorial_utils.registration.prealign_displacement`; ``"default"`` is
+       (:func:`~tutorial_utils.prealign.prealign_displacement`; ``"default"`` is
        register_images' default, "affine");
     2. the U-Net on the fixed and the pre-aligned moving image;
     3. the two fields composed (:func:`~tutorial_utils.transform.compose_displacements`).
@@ -349,7 +273,7 @@ def register_unet(model: nn.Module, image_fixed: torch.Tensor, image_moving: tor
         displacement [B, 2, H, W] (dy, dx) in image pixels: ``warp(image_moving, displacement)``
         is aligned with ``image_fixed``.
     """
-    _check_images(image_fixed, image_moving, multiple_of=1)  # [B, 1, H, W] each, same device, finite
+    check_image_pair(image_fixed, image_moving)  # [B, 1, H, W] each, same device, finite
     prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
     check_choice("prealign", prealign, (*PREALIGN_MODES, None))
     parameter = next(iter(model.parameters()), None)
@@ -368,8 +292,9 @@ def register_unet(model: nn.Module, image_fixed: torch.Tensor, image_moving: tor
 
 
 def save_unet(model: nn.Module, path: str | Path) -> Path:
-    """Save the U-Net's weights as a plain ``state_dict`` (tensors only, on the CPU), atomically."""
-    return save_features(model, path)
+    """Save the U-Net's weights as a plain ``state_dict`` (tensors only, on the CPU), atomically
+    (:func:`~tutorial_utils.training.save_state_dict`)."""
+    return save_state_dict(model, path)
 
 
 def load_unet(path: str | Path | None = None, device: str | torch.device | None = None) -> DisplacementUNet:
@@ -411,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
                         default=DEFAULTS["images_per_step"],
                         help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
-    parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
+    parser.add_argument("--loss", choices=LABEL_LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
     add_run_arguments(parser)
     return parser
 

@@ -9,16 +9,14 @@ One interface for both::
 Where the real slices are looked for, in this order: the folder given (``root=``), the
 Kaggle mount ``/kaggle/input/learn2reg``, the local cache (``$L2R_DATA_DIR``, default
 ``~/.cache/l2r-discrete``); with ``download=True`` (or ``python data_download.py``) the
-tutorial's archive is then downloaded, validated and unpacked atomically into the cache.
+tutorial's archive is then downloaded, validated and unpacked atomically into the cache
+(:mod:`~tutorial_utils.data_files`: where the data lives on disk).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,30 +25,24 @@ import numpy as np
 import torch
 
 from .checks import check_finite, check_int, describe
-from .phantom import LABEL_NAMES, PHANTOM_VERSION, make_phantom
+from .data_files import (
+    IMAGE_FILE,
+    LABEL_FILE,
+    NUM_SLICES,
+    SOURCE_ENV_VAR,
+    DataError,
+    _candidate_folders,
+    download_tcia,
+    find_tcia,
+    make_synthetic,
+    read_slices,
+)
+from .phantom import LABEL_NAMES
 
-TCIA_URL = "https://cloud.imi.uni-luebeck.de/s/WnPcByW4zrDcrRA/download"
-"""Where the 2019 tutorial's archive ``Learn2Reg.zip`` was published (no checksum is known)."""
-URL_ENV_VAR = "L2R_DATA_URL"
-CACHE_ENV_VAR = "L2R_DATA_DIR"
-SOURCE_ENV_VAR = "L2R_DATA_SOURCE"
-KAGGLE_DIR = Path("/kaggle/input/learn2reg")
-
-IMAGE_FILE = "tcia_prereg_2d_img.pth"
-LABEL_FILE = "tcia_prereg_2d_seg.pth"
-MINDNET_FILE = "mindnet_cnn_pancreas.pth"
-ARCHIVE_MEMBERS = (IMAGE_FILE, LABEL_FILE, MINDNET_FILE)
-"""The files taken from the archive; nothing else in it is extracted."""
-TCIA_FOLDER = "Learn2Reg"
-
-NUM_SLICES = 43
 TEST_IDS = (35, 41, 0, 4, 33, 38, 39, 17)
 """The test slices of the 2019 tutorial; the other 35 are for training."""
 TRAIN_IDS = tuple(i for i in range(NUM_SLICES) if i not in TEST_IDS)
 
-
-class DataError(RuntimeError):
-    """The data could not be had or is not what it should be; the message says why."""
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -184,6 +176,12 @@ def _slice_ids(name: str, ids: object) -> tuple[int, ...]:
     return tuple(check_int(f"{name}[{k}]", i) for k, i in enumerate(ids))
 
 
+def _check_dataset(dataset: object) -> None:
+    """The check of a ``dataset`` argument (training, evaluation): a :class:`Dataset`, else ValueError."""
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a tutorial_utils.data.Dataset, got {type(dataset).__name__}")
+
+
 def _validate_dataset(ds: Dataset) -> None:
     if not (torch.is_tensor(ds.images) and ds.images.dim() == 4 and ds.images.shape[1] == 1):
         raise ValueError(f"images must be a float tensor [N, 1, H, W], got {getattr(ds.images, 'shape', type(ds.images))}")
@@ -224,190 +222,12 @@ def _validate_dataset(ds: Dataset) -> None:
         raise ValueError(f"train_ids and test_ids must be disjoint; both contain {overlap}")
 
 
-# --------------------------------------------------------------------------- where data lives
-
-
-def cache_dir() -> Path:
-    """The local data cache: ``$L2R_DATA_DIR``, else ``~/.cache/l2r-discrete`` (platform cache dir)."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    import pooch
-
-    return Path(pooch.os_cache("l2r-discrete"))
-
-
-def _candidate_folders(root: str | os.PathLike | None) -> list[Path]:
-    """Folders that may hold the real slices, in the order they are searched."""
-    places: list[Path] = []
-    if root is not None:
-        root = Path(root).expanduser()
-        places += [root, root / TCIA_FOLDER]
-    places += [KAGGLE_DIR, KAGGLE_DIR / TCIA_FOLDER, cache_dir() / TCIA_FOLDER]
-    return places
-
-
-def find_tcia(root: str | os.PathLike | None = None) -> Path | None:
-    """The first folder holding both TCIA tensor files, or None."""
-    for folder in _candidate_folders(root):
-        if (folder / IMAGE_FILE).is_file() and (folder / LABEL_FILE).is_file():
-            return folder
-    return None
-
-
-# --------------------------------------------------------------------------- reading and checking
-
-
-def _load_tensor(path: Path) -> torch.Tensor:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"{path} is not a readable torch tensor file ({type(exc).__name__}: {exc})") from exc
-    if not torch.is_tensor(obj):
-        raise DataError(f"{path} should hold one tensor, found {type(obj).__name__}")
-    return obj
-
-
-def read_slices(folder: str | os.PathLike, expected_slices: int | None = NUM_SLICES,
-                num_labels: int = len(LABEL_NAMES)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and validate the two tensor files of a data folder.
-
-    Returns images uint8 [N, H, W] and labels uint8/int [N, H, W]. Raises :class:`DataError`
-    that says what is wrong (missing file, wrong dtype, slice count, shapes, label range).
-    """
-    folder = Path(folder)
-    missing = [f for f in (IMAGE_FILE, LABEL_FILE) if not (folder / f).is_file()]
-    if missing:
-        raise DataError(f"{folder} lacks {', '.join(missing)}")
-    images = _load_tensor(folder / IMAGE_FILE)
-    labels = _load_tensor(folder / LABEL_FILE)
-    if images.dim() == 4 and images.shape[1] == 1:
-        images = images[:, 0]
-    if labels.dim() == 4 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if images.dtype != torch.uint8:
-        raise DataError(f"{IMAGE_FILE} must hold uint8 slices, found {images.dtype}")
-    if images.dim() != 3:
-        raise DataError(f"{IMAGE_FILE} must be [N, H, W], found shape {tuple(images.shape)}")
-    if expected_slices is not None and images.shape[0] != expected_slices:
-        raise DataError(f"{IMAGE_FILE} must hold {expected_slices} slices, found {images.shape[0]}")
-    if labels.shape != images.shape:
-        raise DataError(f"{LABEL_FILE} has shape {tuple(labels.shape)}, the images {tuple(images.shape)}")
-    if labels.is_floating_point():
-        raise DataError(f"{LABEL_FILE} must hold integer labels, found {labels.dtype}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_labels:
-        raise DataError(f"{LABEL_FILE} values must lie in 0..{num_labels - 1}, found {lo}..{hi}")
-    return images, labels
-
-
 def _dataset_from_folder(folder: Path, source: str) -> Dataset:
     images, labels = read_slices(folder)
     ds = Dataset.from_arrays(images, labels, LABEL_NAMES, TRAIN_IDS, TEST_IDS, source=source)
     ds.root = folder
     return ds
 
-
-# --------------------------------------------------------------------------- writing atomically
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move a finished folder into place; whatever stood there before is removed."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-
-
-def download_tcia(dest: str | os.PathLike | None = None, url: str | None = None,
-                  retries: int = 2, timeout: float = 60.0, progress: bool = True) -> Path:
-    """Download the 2019 archive, keep only the three data files, validate, move into place.
-
-    Args:
-        dest: folder that receives ``Learn2Reg/`` (default: the cache).
-        url: archive address (default ``$L2R_DATA_URL``, else :data:`TCIA_URL`).
-        retries: extra attempts after a failed download.
-        timeout: seconds without data before a try is given up.
-
-    Returns the folder holding the validated files. On any failure nothing is left behind
-    and :class:`DataError` says what went wrong.
-    """
-    import pooch
-
-    dest = Path(dest).expanduser() if dest is not None else cache_dir()
-    url = url or os.environ.get(URL_ENV_VAR) or TCIA_URL
-    final = dest / TCIA_FOLDER
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-        tmp = Path(tmp)
-        fetcher = pooch.create(path=tmp, base_url="", registry={"Learn2Reg.zip": None},
-                               urls={"Learn2Reg.zip": url}, retry_if_failed=retries)
-        try:
-            archive = Path(fetcher.fetch(
-                "Learn2Reg.zip",
-                downloader=pooch.HTTPDownloader(progressbar=progress, timeout=timeout),
-            ))
-        except Exception as exc:
-            raise DataError(f"could not download {url}: {type(exc).__name__}: {exc}") from exc
-        staging = tmp / TCIA_FOLDER
-        _extract_members(archive, staging)
-        read_slices(staging)  # raises DataError if the content is wrong
-        _replace_dir(staging, final)
-    return final
-
-
-def _extract_members(archive: Path, staging: Path) -> None:
-    """Copy the known data files out of the archive by name (no paths from the archive are used)."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            by_name = {}
-            for info in zf.infolist():
-                base = info.filename.replace("\\", "/").rsplit("/", 1)[-1]
-                if base in ARCHIVE_MEMBERS and not info.is_dir() and "__MACOSX" not in info.filename:
-                    by_name.setdefault(base, info)
-            missing = [m for m in (IMAGE_FILE, LABEL_FILE) if m not in by_name]
-            if missing:
-                raise DataError(f"the archive lacks {', '.join(missing)}: it is truncated or not the 2019 "
-                                f"Learn2Reg archive ({len(zf.infolist())} readable entries)")
-            staging.mkdir(parents=True)
-            for base, info in by_name.items():
-                with zf.open(info) as src, open(staging / base, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise DataError(f"the downloaded archive is broken or truncated ({type(exc).__name__}: {exc})") from exc
-
-
-def synthetic_folder(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
-    """Where the phantom set of ``seed`` is stored: ``root`` if given, else the cache."""
-    if root is not None:
-        return Path(root).expanduser()
-    return cache_dir() / f"synthetic-v{PHANTOM_VERSION}-seed{seed}"
-
-
-def make_synthetic(dest: str | os.PathLike | None = None, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build the phantom set (43 slices, same files and format as the real set) and store it atomically."""
-    final = synthetic_folder(seed, dest)
-    if not overwrite and (final / IMAGE_FILE).is_file() and (final / LABEL_FILE).is_file():
-        return final
-    images, labels = make_phantom(num_slices=NUM_SLICES, seed=seed)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".synthetic-") as tmp:
-        staging = Path(tmp) / "set"
-        staging.mkdir()
-        torch.save(images.contiguous(), staging / IMAGE_FILE)
-        torch.save(labels.contiguous(), staging / LABEL_FILE)
-        (staging / "README.txt").write_text(
-            f"Synthetic abdominal CT phantom v{PHANTOM_VERSION}, seed {seed}, made by "
-            "tutorial_utils.phantom.make_phantom.\n"
-            "Same format as the 2019 tutorial's TCIA slices; not real patient data.\n")
-        if final.exists() and any(final.iterdir()):
-            # a user-given folder with other content: write the files in, one by one, atomically
-            for name in (IMAGE_FILE, LABEL_FILE, "README.txt"):
-                os.replace(staging / name, final / name)
-        else:
-            if final.exists():
-                final.rmdir()
-            os.replace(staging, final)
-    return final
 
 
 # --------------------------------------------------------------------------- the one entry point

@@ -13,8 +13,9 @@ noise/contrast estimate). Because ``D`` and ``V`` scale alike, the descriptor do
 change when the intensities are scaled or shifted; it captures local *structure*. The 3D
 original uses the 12 pairs of the 6-neighbourhood at distance sqrt(2); the 2D analogue used
 here takes the 4-neighbourhood (at ``dilation`` pixels) and its 4 pairs at distance
-``sqrt(2) * dilation`` ("self-similarity context"), optionally at several dilations.
-:func:`mind_ssc3d` is the 3D original: the 12 pairs of the six-neighbourhood (notebook 05).
+``sqrt(2) * dilation`` ("self-similarity context"), optionally at several dilations. The 3D
+original (the 12 pairs of the six-neighbourhood, notebook 05) is in
+:mod:`tutorial_utils.three_d.features`.
 """
 
 from __future__ import annotations
@@ -25,22 +26,21 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_image, check_int, check_number, check_volume
+from .checks import check_image, check_int, check_number
 
 __all__ = [
     "intensity_features",
     "mind_ssc",
     "mind_features",
     "ssc_pairs",
-    "intensity_features3d",
-    "mind_ssc3d",
-    "mind_features3d",
-    "ssc_pairs3d",
 ]
 
 
-def _check_stride(name: str, tensor: torch.Tensor, stride: object) -> int:
-    """``stride`` as an int >= 1 that divides every spatial size of ``tensor`` [B, 1, *spatial]."""
+def check_stride(name: str, tensor: torch.Tensor, stride: object) -> int:
+    """``stride`` as an int >= 1 that divides every spatial size of ``tensor`` [B, 1, *spatial].
+
+    Shared with :mod:`tutorial_utils.three_d.features` (volumes [B, 1, Z, Y, X]).
+    """
     stride = check_int("stride", stride, minimum=1)
     size = tuple(tensor.shape[2:])
     if any(n % stride for n in size):
@@ -49,8 +49,11 @@ def _check_stride(name: str, tensor: torch.Tensor, stride: object) -> int:
     return stride
 
 
-def _check_dilations(dilation: int | Sequence[int]) -> tuple[int, ...]:
-    """One dilation or a sequence of them, as a non-empty tuple of ints >= 1."""
+def check_dilations(dilation: int | Sequence[int]) -> tuple[int, ...]:
+    """One dilation or a sequence of them, as a non-empty tuple of ints >= 1.
+
+    Shared with :mod:`tutorial_utils.three_d.features`.
+    """
     single = isinstance(dilation, (str, bytes)) or not isinstance(dilation, Iterable)
     dilations = (dilation,) if single else tuple(dilation)
     if not dilations:
@@ -61,7 +64,7 @@ def _check_dilations(dilation: int | Sequence[int]) -> tuple[int, ...]:
 def intensity_features(image: torch.Tensor, stride: int = 4) -> torch.Tensor:
     """Raw intensities, average-pooled to 1/stride resolution: [B, 1, H, W] -> [B, 1, H/s, W/s]."""
     check_image("image", image)
-    stride = _check_stride("image", image, stride)
+    stride = check_stride("image", image, stride)
     return F.avg_pool2d(image, stride) if stride > 1 else image
 
 
@@ -101,7 +104,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int | tuple[int, ..
     """
     check_image("image", image)
     radius = check_int("radius", radius, minimum=0)
-    dilations = _check_dilations(dilation)
+    dilations = check_dilations(dilation)
     check_number("eps", eps, minimum=0, strict_minimum=True)  # keeps the division below finite
     out = []
     for d in dilations:
@@ -140,7 +143,7 @@ def mind_features(
     single small dilation is the classic full-resolution descriptor.
     """
     check_image("image", image)
-    stride = _check_stride("image", image, stride)
+    stride = check_stride("image", image, stride)
     downsample = check_int("downsample", downsample, minimum=1)
     if stride % downsample:
         raise ValueError(f"downsample must be a positive integer that divides stride={stride}, got {downsample!r}")
@@ -148,75 +151,3 @@ def mind_features(
     mind = mind_ssc(small, radius=radius, dilation=dilation)
     pool = stride // downsample
     return F.avg_pool2d(mind, pool) if pool > 1 else mind
-
-
-# --------------------------------------------------------------------------- 3D (notebook 05)
-
-
-def intensity_features3d(volume: torch.Tensor, stride: int = 2) -> torch.Tensor:
-    """Raw intensities, average-pooled: [B, 1, Z, Y, X] -> [B, 1, Z/s, Y/s, X/s]."""
-    check_volume("volume", volume)
-    stride = _check_stride("volume", volume, stride)
-    return F.avg_pool3d(volume, stride) if stride > 1 else volume
-
-
-def ssc_pairs3d(dilation: int = 1) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
-    """The 12 pairs of six-neighbourhood offsets ``(dz, dy, dx)`` at distance ``sqrt(2) * dilation``.
-
-    The edges of the octahedron spanned by the 6 neighbours (Heinrich et al. 2013): every
-    neighbour paired with the 4 neighbours on the other two axes, each pair once.
-    """
-    d = check_int("dilation", dilation, minimum=1)
-    neighbours = [(-d, 0, 0), (0, -d, 0), (0, 0, -d), (0, 0, d), (0, d, 0), (d, 0, 0)]
-    return [(a, b) for a, b in itertools.combinations(neighbours, 2)
-            if sum((p - q) ** 2 for p, q in zip(a, b)) == 2 * d * d]
-
-
-def mind_ssc3d(volume: torch.Tensor, radius: int = 1, dilation: int | tuple[int, ...] = 1,
-               eps: float = 1e-12) -> torch.Tensor:
-    """MIND-SSC of volumes at full resolution: 12 channels per dilation.
-
-    As :func:`mind_ssc` one dimension up: patch distances (cubes of (2*radius+1)^3, box
-    filter, replicated borders) between the 12 pairs of :func:`ssc_pairs3d`, minus their
-    minimum, divided by their mean (clamped to [1e-3, 1e3] x its volume mean), ``exp(-.)``.
-
-    Args:
-        volume: [B, 1, Z, Y, X] float. radius: >= 0. dilation: neighbour distance in voxels,
-            or a tuple of them (12 channels each). eps: > 0, as in :func:`mind_ssc`.
-
-    Returns:
-        [B, 12 * len(dilations), Z, Y, X] in (0, 1] (1 everywhere for a constant volume).
-    """
-    check_volume("volume", volume)
-    radius = check_int("radius", radius, minimum=0)
-    dilations = _check_dilations(dilation)
-    check_number("eps", eps, minimum=0, strict_minimum=True)  # keeps the division below finite
-    Z, Y, X = volume.shape[-3:]
-    out = []
-    for d in dilations:
-        pad = d + radius
-        padded = F.pad(volume, (pad,) * 6, mode="replicate")
-
-        def shifted(offset, padded=padded, pad=pad):
-            dz, dy, dx = offset
-            return padded[..., pad + dz:pad + dz + Z, pad + dy:pad + dy + Y, pad + dx:pad + dx + X]
-
-        dist = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in ssc_pairs3d(d)], dim=1)  # [B, 12, Z, Y, X]
-        if radius > 0:
-            dist = F.avg_pool3d(F.pad(dist, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
-        dist = dist - dist.amin(dim=1, keepdim=True)
-        variance = dist.mean(dim=1, keepdim=True)
-        mean_var = variance.mean(dim=(1, 2, 3, 4), keepdim=True)
-        variance = torch.minimum(torch.maximum(variance, mean_var * 1e-3), mean_var * 1e3) + eps
-        out.append(torch.exp(-dist / variance))
-    return torch.cat(out, dim=1)
-
-
-def mind_features3d(volume: torch.Tensor, stride: int = 2, radius: int = 1,
-                    dilation: int | tuple[int, ...] = (1, 2)) -> torch.Tensor:
-    """MIND-SSC of the full-resolution volume, average-pooled to 1/stride:
-    [B, 1, Z, Y, X] -> [B, 12 * len(dilation), Z/s, Y/s, X/s]."""
-    check_volume("volume", volume)
-    stride = _check_stride("volume", volume, stride)
-    mind = mind_ssc3d(volume, radius=radius, dilation=dilation)
-    return F.avg_pool3d(mind, stride) if stride > 1 else mind

@@ -20,33 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_displacement, check_finite, check_int, check_number, check_same
-from .registration import FEATURE_STRIDE, Features, _check_images, extract_features
+from .checks import (
+    check_displacement,
+    check_finite,
+    check_image_pair,
+    check_int,
+    check_number,
+    check_same,
+)
+from .losses import diffusion_penalty
+from .registration import FEATURE_STRIDE, Features, extract_features
 from .transform import warp
 
-__all__ = ["DEFAULTS", "diffusion_penalty_grid", "instance_optimise"]
+__all__ = ["DEFAULTS", "instance_optimise"]
 
 DEFAULTS: dict = {"iterations": 30, "lr": 0.2, "diffusion_weight": 0.3, "grid_stride": 4, "smooth": 1}
 """The defaults of :func:`instance_optimise`, chosen on 24 random training pairs starting
 from ``register_images`` with the shipped feature CNN (mean Dice 0.638 -> 0.652, folding
 0.04% -> 0.23%, 0.07 s per pair on one thread); the notes are in its docstring."""
-
-
-def diffusion_penalty_grid(grid: torch.Tensor, grid_stride: int = 1) -> torch.Tensor:
-    """Diffusion penalty per field [B] of a displacement grid [B, 2, h, w] in image pixels.
-
-    ``mean (du/dy)**2 + mean (du/dx)**2`` over both channels, the derivatives taken as
-    forward differences between neighbouring grid points divided by their distance
-    ``grid_stride`` (image pixels): dimensionless, so a weight means the same at any grid
-    spacing; 0 for a translation, s**2 for a ramp of slope s.
-    """
-    if grid.dim() != 4 or grid.shape[1] != 2:
-        raise ValueError(f"grid must be [B, 2, h, w], got {tuple(grid.shape)}")
-    dy = (grid[:, :, 1:] - grid[:, :, :-1]) / grid_stride
-    dx = (grid[:, :, :, 1:] - grid[:, :, :, :-1]) / grid_stride
-    zero = grid.new_zeros(grid.shape[0])
-    return (dy.square().flatten(1).mean(1) if dy.numel() else zero) + (
-        dx.square().flatten(1).mean(1) if dx.numel() else zero)
 
 
 class _EvalMode:
@@ -63,6 +54,53 @@ class _EvalMode:
     def __exit__(self, *exc):
         if self.module is not None:
             self.module.train(self.training)
+
+
+def _check_arguments(image_fixed, image_moving, displacement, grid_stride, iterations, smooth, lr,
+                     diffusion_weight) -> tuple[int, int, int, float, float]:
+    """The checks of :func:`instance_optimise`; returns (grid_stride, iterations, smooth, lr, diffusion_weight)."""
+    check_image_pair(image_fixed, image_moving, FEATURE_STRIDE)  # [B, 1, H, W] each, finite, H and W divisible by 4
+    B, _, H, W = image_fixed.shape
+    check_displacement("displacement", displacement, finite=False)
+    check_same("image_fixed", image_fixed, "displacement", displacement, device=True)
+    if tuple(displacement.shape) != (B, 2, H, W):
+        raise ValueError(f"displacement must be [B, 2, H, W] = [{B}, 2, {H}, {W}] like the images, "
+                         f"got {list(displacement.shape)}")
+    check_finite("displacement", displacement)
+    grid_stride = check_int("grid_stride", grid_stride, minimum=1)
+    if H % grid_stride or W % grid_stride:
+        raise ValueError(f"H and W must be divisible by grid_stride={grid_stride}, got {(H, W)}")
+    return (grid_stride, check_int("iterations", iterations, minimum=0), check_int("smooth", smooth, minimum=0),
+            check_number("lr", lr, 0, strict_minimum=True), check_number("diffusion_weight", diffusion_weight, 0))
+
+
+def _smoothed(grid: torch.Tensor, smooth: int) -> torch.Tensor:
+    """``smooth`` passes of a 3 x 3 box filter (replication padding) over a grid [B, 2, h, w]."""
+    for _ in range(smooth):
+        grid = F.avg_pool2d(F.pad(grid, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return grid
+
+
+def _descend(objective, start: torch.Tensor, iterations: int, lr: float,
+             record: bool) -> tuple[torch.Tensor, list[float]]:
+    """``iterations`` Adam steps on the grid from ``start`` [B, 2, h, w] (``objective``: grid -> [B]);
+    returns the detached grid and, when ``record``, the mean objective before every step and after the last."""
+    B = start.shape[0]
+    history: list[float] = []
+    with torch.enable_grad():
+        grid = start.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([grid], lr=lr)
+        for step in range(iterations + 1):
+            if step == iterations and not record:
+                break
+            value = objective(grid).sum()  # a sum over the pairs: each pair's steps are its own
+            history.append(float(value.detach()) / B)
+            if step == iterations:
+                break
+            (gradient,) = torch.autograd.grad(value, grid)  # only the grid: nothing reaches a model
+            grid.grad = gradient
+            optimiser.step()
+    return grid.detach(), history
 
 
 def instance_optimise(
@@ -94,7 +132,8 @@ def instance_optimise(
        resolution (values divided by 4) to warp the moving features; the SSD is the mean
        over channels and pixels divided by ``n`` = twice the variance of the fixed
        features (the SSD of two unrelated pixels), so that one weight fits every feature
-       type; ``diffusion`` is :func:`diffusion_penalty_grid` of the *change* of the grid;
+       type; ``diffusion`` is :func:`~tutorial_utils.losses.diffusion_penalty` of the *change*
+       of the grid, its differences divided by the grid spacing (dimensionless);
     4. the smoothed grid is upsampled bilinearly to H x W (``align_corners=False``).
 
     Only the grid is optimised: the fixed features, the model's weights (no gradient
@@ -128,21 +167,9 @@ def instance_optimise(
         the refined displacement [B, 2, H, W] (detached, dtype of the images), or
         ``(displacement, history)``.
     """
-    _check_images(image_fixed, image_moving)  # [B, 1, H, W] each, finite, H and W divisible by 4
+    grid_stride, iterations, smooth, lr, diffusion_weight = _check_arguments(
+        image_fixed, image_moving, displacement, grid_stride, iterations, smooth, lr, diffusion_weight)
     B, _, H, W = image_fixed.shape
-    check_displacement("displacement", displacement, finite=False)
-    check_same("image_fixed", image_fixed, "displacement", displacement, device=True)
-    if tuple(displacement.shape) != (B, 2, H, W):
-        raise ValueError(f"displacement must be [B, 2, H, W] = [{B}, 2, {H}, {W}] like the images, "
-                         f"got {list(displacement.shape)}")
-    check_finite("displacement", displacement)
-    grid_stride = check_int("grid_stride", grid_stride, minimum=1)
-    if H % grid_stride or W % grid_stride:
-        raise ValueError(f"H and W must be divisible by grid_stride={grid_stride}, got {(H, W)}")
-    iterations = check_int("iterations", iterations, minimum=0)
-    smooth = check_int("smooth", smooth, minimum=0)
-    lr = check_number("lr", lr, 0, strict_minimum=True)
-    diffusion_weight = check_number("diffusion_weight", diffusion_weight, 0)
 
     dtype = image_fixed.dtype
     with torch.no_grad(), _EvalMode(features):
@@ -154,31 +181,13 @@ def instance_optimise(
         start = displacement.detach().to(device=image_fixed.device, dtype=dtype)
         start = F.avg_pool2d(start, grid_stride) if grid_stride > 1 else start.clone()  # [B, 2, H/g, W/g]
 
-    def smoothed(grid: torch.Tensor) -> torch.Tensor:
-        for _ in range(smooth):
-            grid = F.avg_pool2d(F.pad(grid, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        return grid
-
     def objective(grid: torch.Tensor) -> torch.Tensor:  # [B]
-        field = F.interpolate(smoothed(grid), size=(h, w), mode="bilinear", align_corners=False)
+        field = F.interpolate(_smoothed(grid, smooth), size=(h, w), mode="bilinear", align_corners=False)
         warped = warp(feat_moving, field / FEATURE_STRIDE)  # [B, C, h, w]
         data = (warped - feat_fixed).square().mean((1, 2, 3)) / norm
-        return data + diffusion_weight * diffusion_penalty_grid(grid - start, grid_stride)
+        return data + diffusion_weight * diffusion_penalty(grid - start, grid_stride, reduction="none")
 
-    history: list[float] = []
-    with torch.enable_grad():
-        grid = start.clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([grid], lr=lr)
-        for step in range(iterations + 1):
-            if step == iterations and not return_history:
-                break
-            value = objective(grid).sum()  # a sum over the pairs: each pair's steps are its own
-            history.append(float(value.detach()) / B)
-            if step == iterations:
-                break
-            (gradient,) = torch.autograd.grad(value, grid)  # only the grid: nothing reaches a model
-            grid.grad = gradient
-            optimiser.step()
+    grid, history = _descend(objective, start, iterations, lr, return_history)
     with torch.no_grad():
-        refined = F.interpolate(smoothed(grid.detach()), size=(H, W), mode="bilinear", align_corners=False)
+        refined = F.interpolate(_smoothed(grid, smooth), size=(H, W), mode="bilinear", align_corners=False)
     return (refined, history) if return_history else refined

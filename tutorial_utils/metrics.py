@@ -28,10 +28,30 @@ def dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -> tor
     return torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.full_like(total, float("nan")))
 
 
+def mean_over_organs(dice_per_label: torch.Tensor) -> torch.Tensor:
+    """The mean of Dice values over the organs, from :func:`dice`'s per-label values.
+
+    Args:
+        dice_per_label: float [..., L], e.g. [L] for one pair or [P, L] for P pairs; index 0
+            (the background) is left out, NaN entries (a label in neither map) too.
+
+    Returns:
+        float [...]: the mean over the finite foreground entries; NaN where there are none
+        (no organ in either map: nothing to score).
+    """
+    foreground = dice_per_label[..., 1:]
+    scored = torch.isfinite(foreground)
+    total = torch.where(scored, foreground, torch.zeros((), dtype=foreground.dtype)).sum(-1)
+    count = scored.sum(-1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+
 def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int) -> float:
-    """Mean Dice over the foreground labels present in either map (background excluded)."""
-    per_label = dice(labels_a, labels_b, num_labels)[1:]
-    return float(torch.nanmean(per_label)) if torch.isfinite(per_label).any() else float("nan")
+    """Mean Dice over the foreground labels present in either map (background excluded); NaN if none.
+
+    The one definition of a pair's score: :func:`mean_over_organs` of :func:`dice`.
+    """
+    return float(mean_over_organs(dice(labels_a, labels_b, num_labels)))
 
 
 def _check_label_pair(labels_a: torch.Tensor, labels_b: torch.Tensor, num_labels: int, dims: range | tuple[int, ...],
@@ -115,28 +135,6 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
 def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
     """Fraction of pixels with a non-positive Jacobian determinant, per field: [B] in [0, 1]."""
     return (jacobian_determinant(displacement) <= 0).flatten(1).double().mean(dim=1)
-
-
-def jacobian_determinant3d(displacement: torch.Tensor) -> torch.Tensor:
-    """Determinant of the Jacobian of the map ``p -> p + u(p)`` at every voxel of a 3D field.
-
-    Args:
-        displacement: [B, 3, Z, Y, X], channels (dz, dy, dx) in voxels.
-
-    Returns:
-        [B, Z, Y, X]: ``det(I + grad u)`` with the same differences as
-        :func:`jacobian_determinant` (exact for affine maps); <= 0 = folding.
-    """
-    _check_field(displacement, ndim=3)
-    rows = [torch.stack(torch.gradient(displacement[:, c], dim=(1, 2, 3)), dim=-1)  # [B, Z, Y, X, 3]
-            for c in range(3)]
-    jacobian = torch.stack(rows, dim=-2) + torch.eye(3, dtype=displacement.dtype, device=displacement.device)
-    return torch.linalg.det(jacobian)
-
-
-def folding_fraction3d(displacement: torch.Tensor) -> torch.Tensor:
-    """Fraction of voxels with a non-positive Jacobian determinant, per field: [B] in [0, 1]."""
-    return (jacobian_determinant3d(displacement) <= 0).flatten(1).double().mean(dim=1)
 
 
 def log_jacobian_std(displacement: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

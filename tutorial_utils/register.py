@@ -3,7 +3,7 @@
 The discrete pipeline of the notebooks on NIfTI files (:mod:`~tutorial_utils.scans` reads and
 writes them), one axial slice (``--2d-slice auto|N``, :func:`~tutorial_utils.registration.register_images`,
 optionally refined by :func:`~tutorial_utils.instance.instance_optimise`) or the whole volumes
-(:func:`~tutorial_utils.registration.register_volumes`)::
+(:func:`~tutorial_utils.three_d.registration.register_volumes`)::
 
     python -m tutorial_utils.register fixed.nii.gz moving.nii.gz --fixed-labels fixed_seg.nii.gz \\
         --moving-labels moving_seg.nii.gz --2d-slice auto --features cnn --out results/
@@ -50,16 +50,9 @@ import torch
 from .checks import argument_type, check_choice, check_int, check_number
 from .environment import choose_device
 from .instance import instance_optimise
-from .metrics import dice, folding_fraction, folding_fraction3d
-from .registration import (
-    DEFAULTS,
-    DEFAULTS_3D,
-    FEATURE_STRIDE,
-    PREALIGN_MODES,
-    Features,
-    register_images,
-    register_volumes,
-)
+from .metrics import dice, folding_fraction
+from .prealign import PREALIGN_MODES
+from .registration import DEFAULTS, FEATURE_STRIDE, Features, register_images
 from .scans import (
     DEFAULT_WINDOW,
     Scan,
@@ -78,7 +71,10 @@ from .scans import (
     slice_scan,
     window_intensities,
 )
-from .train import device_name, load_features
+from .three_d.metrics import folding_fraction3d
+from .three_d.registration import DEFAULTS_3D, register_volumes
+from .train import load_features
+from .training import device_name
 
 __all__ = ["INITIAL_MODES", "MIN_SPACING_3D", "ScanRegistration", "build_parser", "main", "register_scans"]
 
@@ -146,13 +142,13 @@ def _register(fixed: torch.Tensor, moving: torch.Tensor, two_d: bool, features: 
 
 def register_scans(fixed: Scan, moving: Scan, fixed_labels: Scan | None = None, moving_labels: Scan | None = None,
                    *, features: Features = "mind", slice_index: int | str | None = None,
-                   prealign: str | None = DEFAULTS["prealign"], instance: bool = False, spacing: float | None = None,
+                   prealign: str = DEFAULTS.prealign, instance: bool = False, spacing: float | None = None,
                    initial: str = "centres", window: Window = DEFAULT_WINDOW, device: str | None = None,
                    log: Callable[[str], None] = print) -> ScanRegistration:
     """Register ``moving`` to ``fixed`` (scans with their original intensities, ``window=None`` at loading).
 
     ``slice_index``: None for 3D, else an axial slice (``"auto"``: see the module docstring);
-    ``prealign``, ``instance``: 2D only (:data:`~tutorial_utils.registration.PREALIGN_MODES`,
+    ``prealign``, ``instance``: 2D only (:data:`~tutorial_utils.prealign.PREALIGN_MODES`,
     instance optimisation); ``features``: "mind", "intensity" or (2D) a feature CNN on ``device``.
     """
     check_choice("initial", initial, INITIAL_MODES)
@@ -269,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--2d-slice", dest="slice", type=_slice_argument, default=None, metavar="auto|N",
                         help="register one axial slice: auto (largest labelled area) or an index; default: 3D")
     parser.add_argument("--prealign", choices=PREALIGN_MODES, default=None,
-                        help=f"2D pre-alignment (default {DEFAULTS['prealign']})")
+                        help=f"2D pre-alignment (default {DEFAULTS.prealign})")
     parser.add_argument("--instance-optimise", action="store_true", help="refine by instance optimisation (2D)")
     parser.add_argument("--initial", choices=INITIAL_MODES, default="centres",
                         help="initial translation: centres of the fields of view (default), world, or mass")
@@ -324,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         features = _features(parser, args, device)
         stage(3, "registration")
         result = register_scans(scans["fixed"], scans["moving"], scans["fixed_labels"], scans["moving_labels"],
-                                features=features, slice_index=args.slice, prealign=args.prealign or DEFAULTS["prealign"],
+                                features=features, slice_index=args.slice, prealign=args.prealign or DEFAULTS.prealign,
                                 instance=args.instance_optimise, spacing=args.spacing, initial=args.initial,
                                 window=args.window, device=str(device), log=lambda text: print(f"    {text}"))
     except ScanError as exc:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..regularisation import displacement_offsets, min_convolution, soft_displacement
+from ..offsets import displacement_offsets
+from ..regularisation import min_convolution, soft_displacement
 from ._core import Exercise, Incorrect
 
 __all__ = ["MinConvolutionExercise", "SoftDisplacementExercise", "q1", "q2"]

@@ -9,7 +9,7 @@ It has ``check(fn)``, ``hint(level)``, ``solution()`` and ``use(fn, fallback)``.
 runs the learner's function on small random inputs (several D, non-square maps, a label that
 appears in only one of the maps) in float64, compares the value and its gradient with respect
 to the probabilities with the reference
-:func:`~tutorial_utils.train.nonlocal_label_loss_reference`, and when they differ tries the
+:func:`~tutorial_utils.losses.nonlocal_label_loss_reference`, and when they differ tries the
 usual mistakes one by one (the probabilities not summed over the displacement axis, the
 labels not downsampled or subsampled instead of averaged, the background dropped, the wrong
 reduction, the offsets flipped or transposed, the wrong padding) and names the one that
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..train import nonlocal_label_loss_reference
+from ..losses import nonlocal_label_loss_reference
 from ._core import Exercise, Incorrect
 
 __all__ = ["LabelLossExercise", "q1"]

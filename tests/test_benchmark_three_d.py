@@ -1,5 +1,4 @@
-"""The ``3d`` section of ``python -m tutorial_utils.benchmark`` (tiny sizes, no timing assertions)
-and the closed-form cost model."""
+"""``python -m benchmarks.three_d`` (tiny sizes, no timing assertions) and the closed-form cost model."""
 
 from __future__ import annotations
 
@@ -8,8 +7,10 @@ import json
 import pytest
 import torch
 
-from tutorial_utils.benchmark import cost_3d, extrapolate_3d, fit_3d, format_3d_table, main
-from tutorial_utils.correlation import control_points3d, displacement_cube
+from benchmarks.three_d import build_parser, cost_3d, extrapolate_3d, fit_3d, format_3d_table, main
+
+# tutorial_utils: the sparse layer's own layout, the reference of the closed form
+from tutorial_utils.three_d.sparse import control_points3d, displacement_cube
 
 TINY = ["--grids", "4,6", "--disp-ranges", "3,5", "--channels", "2", "--warmup", "0", "--repeats", "1"]
 
@@ -40,7 +41,7 @@ def test_cost_3d_of_a_ct():
 
 def test_cli_writes_json_and_prints_the_tables(tmp_path, capsys):
     out = tmp_path / "3d.json"
-    assert main(["3d", *TINY, "--json", str(out)]) == 0
+    assert main([*TINY, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fit dense" in printed and "extrapolated to a 256x256x256 CT" in printed
     result = json.loads(out.read_text())
@@ -55,8 +56,13 @@ def test_cli_writes_json_and_prints_the_tables(tmp_path, capsys):
 
 def test_threads_are_restored(capsys):
     threads = torch.get_num_threads()
-    assert main(["3d", *TINY, "--no-memory"]) == 0
+    assert main([*TINY, "--no-memory"]) == 0
     assert torch.get_num_threads() == threads  # ... and restored afterwards
+
+
+def test_command_line_parses_lists():
+    args = build_parser().parse_args(["--grids", "8,16", "--disp-ranges", "3,5"])
+    assert args.grids == [8, 16] and args.disp_ranges == [3, 5]
 
 
 def test_fit_and_extrapolation_on_known_numbers():
