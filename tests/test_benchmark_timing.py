@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from cli_helpers import exits_with_usage
 
 from benchmarks import __main__ as listing
 from benchmarks import correlation, three_d, timing, training
@@ -65,14 +66,6 @@ def test_python_m_benchmarks_lists_the_scripts(capsys):
         assert f"python -m benchmarks.{module}" in printed
 
 
-def _exits_with_usage(main, argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err, err
-
-
 @pytest.mark.parametrize("script, argv, message", [
     (correlation, ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
     (correlation, ["--disp-ranges", "9,8"], "argument --disp-ranges: must be an odd integer >= 1 (a centred"),
@@ -91,4 +84,4 @@ def _exits_with_usage(main, argv, message, capsys):
     (three_d, ["--grid-step", "0"], "argument --grid-step: must be an integer >= 1"),
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_every_script_refuses_bad_arguments(script, argv, message, capsys):
-    _exits_with_usage(script.main, argv, message, capsys)
+    exits_with_usage(script.main, argv, message, capsys)

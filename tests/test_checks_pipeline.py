@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from blob_data import blob_dataset
+from cli_helpers import exits_with_usage
 
 from tutorial_utils import continuous, instance, train
 from tutorial_utils import prealign as P
@@ -465,14 +466,6 @@ def _data_download():
     return module
 
 
-def _exits_with_usage(main, argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err, err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--pairs", "-5"], "argument --pairs: must be an integer >= 1, got -5"),
     (["--pairs", "0"], "argument --pairs: must be an integer >= 1, got 0"),
@@ -490,11 +483,11 @@ def _exits_with_usage(main, argv, message, capsys):
     (["--device", "gpu"], "argument --device:"),
 ])
 def test_train_command_line_refuses_bad_arguments(argv, message, capsys, tmp_path):
-    _exits_with_usage(train.main, ["--out", str(tmp_path / "cnn.pt"), *argv], message, capsys)
+    exits_with_usage(train.main, ["--out", str(tmp_path / "cnn.pt"), *argv], message, capsys)
 
 
 def test_train_command_line_refuses_a_folder_as_out(capsys, tmp_path):
-    _exits_with_usage(train.main, ["--out", str(tmp_path)], "--out must be a file to write", capsys)
+    exits_with_usage(train.main, ["--out", str(tmp_path)], "--out must be a file to write", capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -510,7 +503,7 @@ def test_train_command_line_refuses_a_folder_as_out(capsys, tmp_path):
     (["--threads", "-2"], "argument --threads: must be an integer >= 1"),
 ])
 def test_continuous_command_line_refuses_bad_arguments(argv, message, capsys, tmp_path):
-    _exits_with_usage(continuous.main, ["--out", str(tmp_path / "unet.pt"), *argv], message, capsys)
+    exits_with_usage(continuous.main, ["--out", str(tmp_path / "unet.pt"), *argv], message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -518,13 +511,13 @@ def test_continuous_command_line_refuses_bad_arguments(argv, message, capsys, tm
     (["--synthetic", "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
 ])
 def test_data_download_command_line_refuses_bad_arguments(argv, message, capsys):
-    _exits_with_usage(_data_download().main, argv, message, capsys)
+    exits_with_usage(_data_download().main, argv, message, capsys)
 
 
 def test_data_download_refuses_a_file_as_dest(capsys, tmp_path):
     file = tmp_path / "a-file"
     file.write_text("")
-    _exits_with_usage(_data_download().main, ["--synthetic", "--dest", str(file)], "--dest must be a folder", capsys)
+    exits_with_usage(_data_download().main, ["--synthetic", "--dest", str(file)], "--dest must be a folder", capsys)
 
 
 def test_good_command_lines_parse_to_the_same_values():

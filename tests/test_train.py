@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blob_data import blob_dataset
+from cli_helpers import exits_with_usage
 
 from tutorial_utils.correlation import correlation_unfold
 from tutorial_utils.evaluation import evaluate_registration
@@ -242,6 +243,4 @@ def test_command_line_trains_on_a_folder_of_scans(tmp_path, capsys):
     assert load_features(out).training is False
     for argv, message in ((["--source", "synthetic"], "--scans and --source"), (["--evaluate"], "at least 2 held-out"),
                           (["--test-scans", "4"], "num_test must be")):
-        with pytest.raises(SystemExit):
-            main(["--scans", str(folder), "--out", str(out), *argv])
-        assert message in capsys.readouterr().err
+        exits_with_usage(main, ["--scans", str(folder), "--out", str(out), *argv], message, capsys)

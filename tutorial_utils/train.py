@@ -379,11 +379,11 @@ def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dat
         parser.error("--scans and --source are two different data sets: give one of them")
     if args.evaluate and args.test_scans < 2:
         parser.error("--evaluate with --scans needs at least 2 held-out scans (--test-scans N)")
-    from .scans import ScanError, dataset_from_folder
+    from .scans import dataset_from_folder
 
     try:
         return dataset_from_folder(args.scans, num_test=args.test_scans, in_plane_spacing=args.spacing)
-    except (ScanError, ValueError) as exc:
+    except ValueError as exc:  # a ScanError too: a bad file or folder
         parser.error(f"--scans: {exc}")
 
 
