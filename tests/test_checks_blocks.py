@@ -368,7 +368,7 @@ def test_numpy_integer_arguments_of_the_features_are_fine():
 LABELS = torch.tensor([[0, 1, 2], [2, 1, 0]])
 
 
-@pytest.mark.parametrize("function", [M.dice, M.mean_dice, M.centroid_distance])
+@pytest.mark.parametrize("function", [M.dice, M.mean_dice, M.dice_ceiling, M.centroid_distance])
 def test_label_maps_are_checked(function):
     function(LABELS, LABELS.flip(0), 3)
     with pytest.raises(ValueError, match=r"labels_a must hold integers \(e.g. .long\(\)\), got a torch.float32"):

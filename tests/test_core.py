@@ -69,14 +69,18 @@ def test_dice_and_mean_dice_match_pixel_loops(shape):
     generator = torch.Generator().manual_seed(len(shape))
     a = torch.randint(0, 4, shape, generator=generator)
     b = torch.randint(0, 4, shape, generator=generator)
-    b[b == 3] = 2  # label 3 only in a: Dice 0; label 4 in neither map: NaN, left out of the mean
+    b[b == 3] = 2  # label 3 only in a: Dice 0 ("either") or not scored ("both"); label 4 in neither map: NaN
     expected = dice_loops(a, b, 5)
-    got = dice(a, b, num_labels=5)
+    got = dice(a, b, num_labels=5, present_in="either")
     assert got.dtype == torch.float64 and got.shape == (5,)
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
     assert got[3].item() == 0.0 and math.isnan(got[4])
     foreground = [v for v in expected[1:] if not math.isnan(v)]
-    assert mean_dice(a, b, 5) == pytest.approx(sum(foreground) / len(foreground))
+    assert mean_dice(a, b, 5, present_in="either") == pytest.approx(sum(foreground) / len(foreground))
+    primary = dice(a, b, num_labels=5)  # the default: label 3, in one map only, is not scored
+    assert math.isnan(primary[3]) and math.isnan(primary[4])
+    assert torch.equal(primary[:3], got[:3])
+    assert mean_dice(a, b, 5) == pytest.approx(sum(expected[1:3]) / 2)
     assert math.isnan(mean_dice(torch.zeros_like(a), torch.zeros_like(b), 5))  # background only
 
 

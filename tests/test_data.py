@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from tutorial_utils import data, data_files
 from tutorial_utils.models import FeatureCNN, UnsafeCheckpointError, load_mindnet
+from tutorial_utils.organ_check import LabelOrderWarning, anatomy_problems
+from tutorial_utils.phantom import LABEL_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,11 +36,49 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _small_set(n: int = data_files.NUM_SLICES, h: int = 16, w: int = 20, max_label: int = 8, seed: int = 0):
+ORGAN_BOXES = {  # label value: (top, bottom, left, right) as fractions of the height and width
+    6: (0.25, 0.70, 0.05, 0.45),  # liver: the largest, on the image's left (the patient's right)
+    4: (0.15, 0.25, 0.30, 0.45),  # gallbladder: anterior, under the liver
+    7: (0.15, 0.35, 0.55, 0.80),  # stomach: anterior left
+    2: (0.40, 0.50, 0.45, 0.70),  # pancreas: in front of the left kidney
+    8: (0.55, 0.65, 0.45, 0.55),  # duodenum
+    1: (0.40, 0.65, 0.82, 0.95),  # spleen: lateral, on the image's right
+    3: (0.65, 0.85, 0.60, 0.78),  # left kidney: posterior, medial to the spleen
+    5: (0.70, 0.78, 0.50, 0.55),  # esophagus: small, near the midline
+}
+"""A hand-made axial slice in radiological display, in the order of ``LABEL_NAMES`` (anterior at the top,
+the patient's left on the image's right): small fake archives that pass the anatomy check of the names."""
+
+
+def _layout_labels(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [n, h, w]: the boxes above, every slice shifted by -1..1 pixels; the gallbladder and
+    the esophagus are missing on some slices (cut above or below them)."""
+    labels = torch.zeros(n, h, w, dtype=torch.uint8)
+    shifts = torch.randint(-1, 2, (n, 2), generator=gen)
+    cut = torch.rand(n, 2, generator=gen) < 0.3
+    for i in range(n):
+        dy, dx = shifts[i].tolist()
+        for value, (top, bottom, left, right) in ORGAN_BOXES.items():
+            if (value == 4 and cut[i, 0]) or (value == 5 and cut[i, 1]):
+                continue
+            y0, y1 = round(top * h) + dy, max(round(bottom * h), round(top * h) + 1) + dy
+            x0, x1 = round(left * w) + dx, max(round(right * w), round(left * w) + 1) + dx
+            labels[i, max(y0, 0):y1, max(x0, 0):x1] = value
+    return labels
+
+
+def _small_set(n: int = data_files.NUM_SLICES, h: int = 16, w: int = 20, seed: int = 0):
+    """Random uint8 images and hand-made labels (see ``ORGAN_BOXES``) in the format of the 2019 files."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, h, w), generator=gen, dtype=torch.uint8)
-    labels = torch.randint(0, max_label + 1, (n, h, w), generator=gen, dtype=torch.uint8)
-    return images, labels
+    return images, _layout_labels(n, h, w, gen)
+
+
+def _swap(labels: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """``labels`` with the values a and b exchanged (a lookup table indexed by the labels)."""
+    lookup = torch.arange(256, dtype=labels.dtype)
+    lookup[a], lookup[b] = b, a
+    return lookup[labels.long()]
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -140,7 +181,8 @@ def test_good_archive_downloads_validates_and_loads(server, cache, archives):
     assert torch.equal(ds.labels, archives["_labels"].long())
     assert ds.test_ids == (35, 41, 0, 4, 33, 38, 39, 17)
     assert sorted(ds.train_ids + ds.test_ids) == list(range(43))
-    assert ds.label_names[1] == "spleen" and ds.label_names[7] == "pancreas" and ds.num_labels == 9
+    assert ds.label_names == LABEL_NAMES and ds.num_labels == 9
+    assert ds.label_names[1] == "spleen" and ds.label_names[2] == "pancreas" and ds.label_names[6] == "liver"
 
 
 @pytest.mark.parametrize("path, message", [
@@ -223,6 +265,48 @@ def test_float_images_on_disk_are_rejected(tmp_path, cache):
     _write_set(tmp_path / "set", images.float(), labels)
     with pytest.raises(data_files.DataError, match="uint8"):
         data.load_dataset("tcia", root=tmp_path / "set")
+
+
+def test_the_hand_made_fixture_fits_the_organ_names():
+    """The fake archives above are realistic enough: the anatomy check finds nothing to object to."""
+    for seed in (0, 1, 2, 3):
+        labels = _small_set(seed=seed)[1]
+        assert anatomy_problems(labels.long(), LABEL_NAMES) == [], seed
+        assert {int(v) for v in labels.unique()} == set(range(9))
+
+
+def test_real_slices_that_fit_the_names_load_without_a_warning(tmp_path, cache):
+    _write_set(tmp_path / "set", *_small_set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelOrderWarning)
+        ds = data.load_dataset("tcia", root=tmp_path / "set")
+    assert ds.label_names == LABEL_NAMES
+
+
+@pytest.mark.parametrize("a, b, organ", [(6, 1, "liver"), (1, 3, "spleen"), (5, 2, "esophagus")])
+def test_swapped_labels_warn_and_get_generic_names(tmp_path, cache, a, b, organ):
+    images, labels = _small_set()
+    swapped = _swap(labels, a, b).to(torch.uint8)
+    _write_set(tmp_path / "set", images, swapped)
+    with pytest.warns(LabelOrderWarning, match=r"(?s)do not fit the organ names.*replaced by 'label 1'\.\.'label 8'"
+                      ) as caught:
+        ds = data.load_dataset("tcia", root=tmp_path / "set")
+    assert len([w for w in caught if w.category is LabelOrderWarning]) == 1  # one warning lists everything
+    assert f"label {a} '{organ}'" in str(caught[0].message)
+    assert ds.label_names == ("background", *(f"label {v}" for v in range(1, 9)))
+    assert torch.equal(ds.labels, swapped.long())  # the labels themselves are kept
+    assert ds.source == "tcia" and ds.num_labels == 9
+
+
+def test_the_phantom_set_is_not_checked(tmp_path, cache):
+    """source="synthetic" reads the phantom's own files, built to fit LABEL_NAMES: no check runs
+    (test_organ_check.py shows that the phantom passes it). Proof: swapped labels pass unchecked."""
+    images, labels = _small_set()
+    _write_set(tmp_path / "phantom", images, _swap(labels, 6, 1).to(torch.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelOrderWarning)
+        ds = data.load_dataset("synthetic", root=tmp_path / "phantom")
+    assert ds.source == "synthetic" and ds.label_names == LABEL_NAMES
 
 
 def test_unknown_source_is_a_value_error():

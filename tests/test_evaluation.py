@@ -19,9 +19,10 @@ def _small_dataset(seed=0):
     return blob_dataset(size=(32, 48), seed=seed, parts=5)
 
 
-def test_identity_dice_counted_pixel_by_pixel():
+@pytest.mark.parametrize("present_in", ["both", "either"])
+def test_identity_dice_counted_pixel_by_pixel(present_in):
     dataset = _small_dataset(seed=1)
-    result = evaluate_registration(dataset, None)
+    result = evaluate_registration(dataset, None, present_in=present_in)
     pairs = dataset.test_pairs()
     assert result["pairs"].tolist() == [list(p) for p in pairs]
     for row, (f, m) in enumerate(pairs):
@@ -29,24 +30,51 @@ def test_identity_dice_counted_pixel_by_pixel():
         scores = []
         for label in range(dataset.num_labels):
             overlap = sum(1 for u, v in zip(a, b) if u == v == label)
-            total = a.count(label) + b.count(label)
-            expected = 2 * overlap / total if total else math.nan
+            size_a, size_b = a.count(label), b.count(label)
+            scored = (size_a and size_b) if present_in == "both" else (size_a or size_b)
+            expected = 2 * overlap / (size_a + size_b) if scored else math.nan
             got = result["dice"][row, label].item()
             assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
-            if label and total:
+            if label and scored:
                 scores.append(expected)
         assert result["mean_dice"][row].item() == pytest.approx(sum(scores) / len(scores))
     assert result["folding"].tolist() == [0.0] * len(pairs)
 
 
-def test_a_pair_without_organs_has_no_mean_dice():
+def _two_organ_dataset() -> Dataset:
+    """Slice 0: organs 1 and 2; slice 1: organ 1 only (at the same place); slice 2: no organ."""
     labels = torch.zeros(3, 16, 16, dtype=torch.long)
-    labels[0, 2:6, 2:6] = 1  # an organ only in slice 0
-    dataset = Dataset.from_arrays(torch.rand(3, 16, 16), labels, ["background", "organ"], train_ids=[0],
-                                  test_ids=[1, 2])
-    result = evaluate_registration(dataset, None, pairs=[(1, 2), (0, 1)])
-    assert math.isnan(result["mean_dice"][0].item())  # nothing to score
-    assert result["mean_dice"][1].item() == 0.0  # the organ is in one map only
+    labels[0, 2:6, 2:6] = 1
+    labels[0, 10:14, 10:14] = 2
+    labels[1, 2:6, 2:6] = 1
+    return Dataset.from_arrays(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)), labels,
+                               ["background", "organ 1", "organ 2"], train_ids=[0], test_ids=[1, 2])
+
+
+def test_organs_in_one_slice_only_are_not_scored_by_default():
+    dataset = _two_organ_dataset()
+    both = evaluate_registration(dataset, None, pairs=[(1, 2), (0, 1), (1, 0)])
+    either = evaluate_registration(dataset, None, pairs=[(1, 2), (0, 1), (1, 0)], present_in="either")
+    assert math.isnan(both["mean_dice"][0].item())  # no organ in both slices: nothing to score
+    assert either["mean_dice"][0].item() == 0.0  # organ 1, in one slice only, scores 0
+    for row in (1, 2):  # organ 1 overlaps perfectly, organ 2 is in slice 0 only
+        assert both["dice"][row, 1].item() == 1.0 and math.isnan(both["dice"][row, 2].item())
+        assert both["mean_dice"][row].item() == 1.0
+        assert either["dice"][row, 2].item() == 0.0 and either["mean_dice"][row].item() == 0.5
+
+
+def test_an_organ_the_registration_loses_scores_zero():
+    """Which organs count is fixed by the pair, not by the result: erasing an organ cannot help."""
+    dataset = _two_organ_dataset()
+
+    def away(image_fixed, image_moving):  # u = (0, +8): warped[y, x] = moving[y, x + 8], organ 1 gone
+        u = torch.zeros(image_fixed.shape[0], 2, 16, 16)
+        u[:, 1] = 8.0
+        return u
+
+    result = evaluate_registration(dataset, register=away, pairs=[(0, 1)])
+    assert result["dice"][0, 1].item() == 0.0 and math.isnan(result["dice"][0, 2].item())
+    assert result["mean_dice"][0].item() == 0.0
 
 
 def test_a_register_callable_is_measured_by_the_same_code():
@@ -94,3 +122,5 @@ def test_evaluate_registration_refuses_bad_arguments():
         evaluate_registration("slices", None)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         evaluate_registration(_small_dataset(), None, batch_size=0)
+    with pytest.raises(ValueError, match="present_in must be one of 'both', 'either'; got 'all'"):
+        evaluate_registration(_small_dataset(), None, present_in="all")

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tutorial_utils"
 LAYERS = [
     {"checks"},
     {"offsets"},
-    {"environment", "correlation", "regularisation", "transform", "metrics", "features", "models", "phantom"},
+    {"environment", "correlation", "regularisation", "transform", "metrics", "features", "models", "phantom",
+     "organ_check"},
     {"registration", "prealign", "instance", "data", "data_files", "plotting", "scans", "losses", "regularisation_fast",
      "evaluation", "explorer", "three_d"},
     {"train", "training", "pipeline_2019", "continuous", "widgets", "register", "compare"},

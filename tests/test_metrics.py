@@ -15,18 +15,143 @@ def affine_field(matrix, H, W):
     return torch.stack([a * ys + b * xs + t0 - ys, c * ys + d * xs + t1 - xs])[None]
 
 
+def dice_reference(a, b, num_labels, present_in):
+    """Brute force, one pixel at a time: the pixels of every label in a, in b, and in both.
+
+    "both": NaN unless the label is in both maps; "either": NaN only if it is in neither (0 if in one)."""
+    size_a, size_b, shared = [0] * num_labels, [0] * num_labels, [0] * num_labels
+    for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
+        size_a[x] += 1
+        size_b[y] += 1
+        if x == y:
+            shared[x] += 1
+    out = []
+    for v in range(num_labels):
+        scored = (size_a[v] and size_b[v]) if present_in == "both" else (size_a[v] or size_b[v])
+        out.append(2 * shared[v] / (size_a[v] + size_b[v]) if scored else math.nan)
+    return out
+
+
+def registration_dice_reference(fixed, moving, warped, num_labels, present_in):
+    """Brute force: Dice of fixed and warped, scored on the labels of fixed and moving ("both")."""
+    if present_in == "either":
+        return dice_reference(fixed, warped, num_labels, "either")
+    in_fixed, in_moving = set(fixed.reshape(-1).tolist()), set(moving.reshape(-1).tolist())
+    size_f, size_w, shared = [0] * num_labels, [0] * num_labels, [0] * num_labels
+    for x, y in zip(fixed.reshape(-1).tolist(), warped.reshape(-1).tolist()):
+        size_f[x] += 1
+        size_w[y] += 1
+        if x == y:
+            shared[x] += 1
+    return [2 * shared[v] / (size_f[v] + size_w[v]) if v in in_fixed and v in in_moving else math.nan
+            for v in range(num_labels)]
+
+
+def mean_reference(per_label):
+    scored = [v for v in per_label[1:] if not math.isnan(v)]
+    return sum(scored) / len(scored) if scored else math.nan
+
+
+def same(got: torch.Tensor, expected: list) -> bool:
+    return torch.allclose(got, torch.tensor(expected, dtype=torch.float64), equal_nan=True, rtol=0, atol=1e-12)
+
+
 def test_dice_of_known_shapes():
     a = torch.zeros(10, 10, dtype=torch.long)
     b = torch.zeros(10, 10, dtype=torch.long)
     a[0:4, 0:5] = 1  # 20 pixels
     b[2:6, 0:5] = 1  # 20 pixels, 10 shared
     a[8:10, 8:10] = 2  # only in a
-    d = M.dice(a, b, 4)
-    assert d[1].item() == pytest.approx(0.5)
-    assert d[2].item() == 0.0
-    assert math.isnan(d[3].item())
-    assert M.mean_dice(a, b, 4) == pytest.approx(0.25)
+    both, either = M.dice(a, b, 4), M.dice(a, b, 4, present_in="either")
+    assert torch.allclose(M.dice(a, b, 4, "both"), both, equal_nan=True)  # the default is the primary score
+    assert both[1].item() == either[1].item() == pytest.approx(0.5)
+    assert math.isnan(both[2].item()) and either[2].item() == 0.0  # in one map only
+    assert math.isnan(both[3].item()) and math.isnan(either[3].item())  # in neither map
+    assert M.mean_dice(a, b, 4) == pytest.approx(0.5)  # organ 1 only
+    assert M.mean_dice(a, b, 4, present_in="either") == pytest.approx(0.25)  # (0.5 + 0) / 2
     assert M.mean_dice(a, a, 4) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("present_in", ["both", "either"])
+@pytest.mark.parametrize("shape", [(7, 9), (2, 5, 6), (3, 2, 4, 5)])
+def test_dice_matches_a_pixel_loop(shape, present_in):
+    generator = torch.Generator().manual_seed(len(shape))
+    a = torch.randint(0, 5, shape, generator=generator)
+    b = torch.randint(0, 4, shape, generator=generator)
+    b[b == 3] = 2  # label 3 only in a, label 4 only in a, label 5 in neither map
+    expected = dice_reference(a, b, 6, present_in)
+    got = M.dice(a, b, 6, present_in=present_in)
+    assert got.dtype == torch.float64 and got.shape == (6,)
+    assert same(got, expected)
+    assert not math.isnan(expected[1]) and math.isnan(expected[5])
+    assert (math.isnan(got[3]) and math.isnan(got[4])) if present_in == "both" else (got[3] == 0 and got[4] == 0)
+    assert M.mean_dice(a, b, 6, present_in=present_in) == pytest.approx(mean_reference(expected))
+    assert math.isnan(M.mean_dice(torch.zeros_like(a), torch.zeros_like(b), 6, present_in))  # background only
+
+
+def test_mean_dice_counts_only_organs_present_in_both():
+    a = torch.tensor([[1, 1, 2, 2], [3, 3, 0, 0]])
+    b = torch.tensor([[1, 0, 2, 2], [0, 0, 4, 4]])
+    # organ 1: 2*1/(2+1) = 2/3; organ 2: 1; organ 3 only in a, organ 4 only in b
+    assert M.mean_dice(a, b, 5) == pytest.approx((2 / 3 + 1) / 2)
+    assert M.mean_dice(a, b, 5, "either") == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
+    only_a = torch.tensor([[1, 0]])
+    assert math.isnan(M.mean_dice(only_a, torch.zeros_like(only_a), 2))  # no organ in both: nothing to score
+    assert M.mean_dice(only_a, torch.zeros_like(only_a), 2, "either") == 0.0
+
+
+@pytest.mark.parametrize("present_in", ["both", "either"])
+def test_registration_dice_matches_a_pixel_loop(present_in):
+    generator = torch.Generator().manual_seed(3)
+    fixed = torch.randint(0, 4, (2, 6, 7), generator=generator)  # labels 0..3
+    moving = torch.randint(0, 6, (2, 6, 7), generator=generator)
+    moving[moving == 3] = 0  # label 3 only in fixed, labels 4 and 5 only in moving
+    warped = moving.roll(1, dims=-1)
+    warped[warped == 2] = 1  # the warp loses organ 2 (in fixed and moving): 0 under both conventions
+    expected = registration_dice_reference(fixed, moving, warped, 7, present_in)
+    got = M.registration_dice(fixed, moving, warped, 7, present_in=present_in)
+    assert got.shape == (7,) and got.dtype == torch.float64
+    assert same(got, expected)
+    assert got[2].item() == 0.0  # lost by the warp: scored 0, not left out
+    if present_in == "both":
+        assert torch.isnan(got[3:]).all()  # in one slice only, or in none
+    else:
+        assert got[3].item() == got[4].item() == got[5].item() == 0.0 and math.isnan(got[6])
+    assert same(M.registration_dice(fixed, moving, moving, 7, present_in), dice_reference(fixed, moving, 7, present_in))
+    reference_mean = [v for v in expected[1:] if not math.isnan(v)]
+    mean = M.mean_dice(fixed, warped, 7, present_in, labels_moving=moving)
+    assert math.isclose(mean, sum(reference_mean) / len(reference_mean), rel_tol=1e-12)
+
+
+def test_dice_ceiling_of_hand_made_maps():
+    a = torch.tensor([[1, 2, 3, 0]])
+    b = torch.tensor([[0, 2, 3, 4]])
+    assert M.dice_ceiling(a, b, 6) == pytest.approx(2 / 4)  # organs 2 and 3 of 1, 2, 3, 4; 5 in neither
+    assert M.dice_ceiling(a, a, 6) == 1.0
+    assert M.dice_ceiling(torch.tensor([[1, 0]]), torch.tensor([[0, 2]]), 3) == 0.0
+    assert math.isnan(M.dice_ceiling(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), 3))
+    # the ceiling is reached when the shared organs overlap perfectly: 1 for organ 1, 0 for 2 and 3
+    fixed = torch.tensor([[1, 1, 2, 0]])
+    best = torch.tensor([[1, 1, 0, 3]])
+    assert M.mean_dice(fixed, best, 4, "either") == pytest.approx(M.dice_ceiling(fixed, best, 4)) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: M.dice(a, a, 3, present_in="bad"),
+    lambda a: M.mean_dice(a, a, 3, present_in="Both"),
+    lambda a: M.registration_dice(a, a, a, 3, present_in=None),
+])
+def test_present_in_is_checked(call):
+    with pytest.raises(ValueError, match=r"present_in must be one of 'both', 'either'; got"):
+        call(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_registration_dice_names_its_arguments():
+    a = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels_fixed and labels_warped must have the same shape"):
+        M.registration_dice(a, a, a[:1], 3)
+    with pytest.raises(ValueError, match=r"labels_moving must hold values 0\.\.2"):
+        M.registration_dice(a, a + 3, a, 3)
 
 
 def test_mean_over_organs_skips_background_and_absent_labels():

@@ -63,8 +63,8 @@ def test_deterministic_and_independent_of_the_set_size():
     assert one[0].shape == (1, 16, 32, 40)
 
 
-def test_the_2d_phantom_is_untouched():
-    assert phantom.PHANTOM_VERSION == 1 and phantom.PHANTOM_VOLUME_VERSION == 1
+def test_the_versions():
+    assert phantom.PHANTOM_VERSION == 2 and phantom.PHANTOM_VOLUME_VERSION == 2
 
 
 @pytest.mark.parametrize("kwargs, message", [

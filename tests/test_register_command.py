@@ -92,8 +92,12 @@ def check_outputs(paths, out, status, printed, fixed_labels: np.ndarray, moving_
     assert np.allclose(affine, warped_affine) and np.allclose(affine, field_affine)
     assert warped_labels.dtype.kind == "u" and warped.dtype == np.float32
     metrics = json.loads((out / "metrics.json").read_text())
+    # the primary score: only the labels that the fixed and the moving map both show count (NaN: null)
+    shown_by_both = set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())
     before = dice_loop(fixed_labels.astype(int), moving_labels.astype(int), NUM_LABELS)
     after = dice_loop(fixed_labels.astype(int), warped_labels.astype(int), NUM_LABELS)
+    before, after = ([value if label in shown_by_both else float("nan") for label, value in enumerate(values)]
+                     for values in (before, after))
     for label in range(1, NUM_LABELS):
         for name, counted in (("dice_before", before), ("dice_after", after)):
             reported = metrics[name][str(label)]

@@ -221,3 +221,28 @@ def test_keyword_changes_equal_a_replaced_settings_object():
     by_object = G.register_images(fixed, moving, "intensity", G.DEFAULTS_2019.replace(alpha=30.0, disp_range=5))
     assert torch.equal(by_keyword, by_object)
     assert not torch.equal(by_keyword, G.register_images(fixed, moving, "intensity", G.DEFAULTS_2019))
+
+
+def test_register_argmin_is_the_winner_of_each_pixel_without_regularisation():
+    g = torch.Generator().manual_seed(5)
+    fixed = F.interpolate(torch.rand(1, 1, 16, 20, generator=g), size=(64, 80), mode="bicubic").clamp(0, 1)
+    moving = shifted(fixed, 8, -4)  # whole feature pixels: (2, -1) at 1/4 resolution
+    disp = G.register_argmin(fixed, moving, "intensity", G.DEFAULTS.replace(prealign="none"))
+    assert disp.shape == (1, 2, 64, 80)
+    inner = disp[0, :, 24:40, 28:52]
+    assert torch.equal(inner, torch.tensor([8.0, -4.0])[:, None, None].expand_as(inner))
+    # the reference, by brute force: each feature pixel's cheapest of the 9 x 9 shifts, by loops
+    feat_f = G.extract_features(fixed, "intensity")[0, 0].double()
+    feat_m = F.pad(G.extract_features(moving, "intensity"), (4, 4, 4, 4), mode="replicate")[0, 0].double()
+    low, tie = torch.zeros(2, 16, 20), torch.zeros(1, 1, 16, 20)
+    for y in range(16):
+        for x in range(20):
+            costs = {(dy, dx): float((feat_m[y + 4 + dy, x + 4 + dx] - feat_f[y, x]) ** 2)
+                     for dy in range(-4, 5) for dx in range(-4, 5)}
+            ranked = sorted(costs.values())
+            tie[0, 0, y, x] = float(ranked[1] - ranked[0] < 1e-9)  # replicated borders: equal costs
+            low[:, y, x] = torch.tensor(min(costs, key=costs.get), dtype=torch.float32)
+    expected = T.upsample_displacement(low[None], (64, 80))
+    clear = F.interpolate(tie, size=(64, 80), mode="bilinear", align_corners=False)[0, 0] == 0  # no tie nearby
+    assert clear.float().mean() > 0.5
+    assert torch.allclose(disp[..., clear], expected[..., clear], atol=1e-4)

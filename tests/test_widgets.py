@@ -34,11 +34,12 @@ def result_pair(dataset) -> explorer.ExplorerResult:
     return explorer.explore_registration(dataset, 2, 3)
 
 
-def _dice_numpy(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    """Dice of one label value by the definition 2|A n B| / (|A| + |B|) (NaN if in neither)."""
+def _dice_numpy(a: np.ndarray, b: np.ndarray, value: int, moving: np.ndarray | None = None) -> float:
+    """Dice of one label value by the definition 2|A n B| / (|A| + |B|), the primary convention: NaN
+    unless the value is in both slices (a and b, or a and ``moving`` when b is the warped moving map)."""
     in_a, in_b = a == value, b == value
-    total = in_a.sum() + in_b.sum()
-    return float("nan") if total == 0 else 2.0 * np.logical_and(in_a, in_b).sum() / total
+    shown_by_both = in_a.any() and ((moving == value).any() if moving is not None else in_b.any())
+    return 2.0 * np.logical_and(in_a, in_b).sum() / (in_a.sum() + in_b.sum()) if shown_by_both else float("nan")
 
 
 # --------------------------------------------------------------------------- the plain function
@@ -63,23 +64,46 @@ def test_dice_before_matches_the_definition(dataset, result_pair):
     r = result_pair
     fixed, moving = dataset.labels[2].numpy(), dataset.labels[3].numpy()
     present = sorted(int(v) for v in (set(np.unique(fixed)) | set(np.unique(moving))) - {0})
-    assert list(r.dice_before) == [LABEL_NAMES[v] for v in present]
+    assert list(r.dice_before) == [LABEL_NAMES[v] for v in present]  # every organ of either slice is listed
     direct = metrics.dice(dataset.labels[2], dataset.labels[3], len(LABEL_NAMES))
     for value in present:
         name = LABEL_NAMES[value]
         expected = _dice_numpy(fixed, moving, value)
-        assert r.dice_before[name] == pytest.approx(expected, abs=1e-12)
-        assert r.dice_before[name] == pytest.approx(float(direct[value]), abs=1e-12)
+        assert (math.isnan(r.dice_before[name]) and math.isnan(expected)) or \
+            r.dice_before[name] == pytest.approx(expected, abs=1e-12)
+        assert r.dice_before[name] == pytest.approx(float(direct[value]), abs=1e-12, nan_ok=True)
     assert r.mean_dice_before == pytest.approx(np.nanmean(list(r.dice_before.values())), abs=1e-12)
 
 
 def test_dice_after_matches_the_definition_on_the_warped_labels(result_pair):
     r = result_pair
-    fixed, warped = r.labels_fixed[0].numpy(), r.labels_warped[0].numpy()
+    fixed, moving, warped = r.labels_fixed[0].numpy(), r.labels_moving[0].numpy(), r.labels_warped[0].numpy()
     for name, value in r.dice_after.items():
-        expected = _dice_numpy(fixed, warped, LABEL_NAMES.index(name))
+        expected = _dice_numpy(fixed, warped, LABEL_NAMES.index(name), moving=moving)
         assert (math.isnan(value) and math.isnan(expected)) or value == pytest.approx(expected, abs=1e-12)
+        assert math.isnan(value) == math.isnan(r.dice_before[name])  # the pair decides which organs count
     assert r.mean_dice_after == pytest.approx(np.nanmean(list(r.dice_after.values())), abs=1e-12)
+
+
+def test_organs_in_one_slice_only_are_listed_but_not_scored(dataset, monkeypatch):
+    """The moving slice without its liver: listed with NaN (a through-plane difference), left out of the means."""
+    liver = LABEL_NAMES.index("liver")
+    labels = dataset.labels.clone()
+    labels[3][labels[3] == liver] = 0
+    assert (labels[2] == liver).any()
+    cut = Dataset.from_arrays(dataset.images, labels, LABEL_NAMES, train_ids=(2, 3), test_ids=(1, 0))
+
+    def no_motion(image_fixed, image_moving, features="mind", disp_range=9, **kwargs):
+        return torch.zeros(image_fixed.shape[0], 2, *image_fixed.shape[-2:])
+
+    monkeypatch.setattr(explorer.registration, "register_images", no_motion)
+    r = explorer.explore_registration(cut, 2, 3)
+    assert "liver" in r.dice_before and math.isnan(r.dice_before["liver"]) and math.isnan(r.dice_after["liver"])
+    scored = [v for v in r.dice_before.values() if not math.isnan(v)]
+    assert len(scored) == len(r.dice_before) - 1 and r.mean_dice_before == pytest.approx(sum(scored) / len(scored))
+    table = explorer.dice_table_html(r)
+    assert "liver" in table and "not scored" in table
+    assert "not scored" not in explorer.dice_table_html(explorer.explore_registration(dataset, 2, 3))
 
 
 def test_zero_displacement_gives_back_the_moving_image(dataset, monkeypatch):

@@ -5,7 +5,7 @@ The map of the modules, one line each, is in CONTRIBUTING.md. Layers (nothing im
 * the foundation: ``checks`` (the shared input checks), ``offsets`` (the displacement of
   each cost-volume channel)
 * building blocks, importing only the foundation: ``environment``, ``features``, ``correlation``,
-  ``regularisation``, ``transform``, ``metrics``, ``models``, ``phantom``
+  ``regularisation``, ``transform``, ``metrics``, ``organ_check``, ``models``, ``phantom``
 * composing them: ``prealign``, ``registration``, ``instance``, ``data_files``, ``data``, ``scans``,
   ``plotting``, ``losses``, ``regularisation_fast``, ``evaluation``, ``explorer``, ``three_d``
   (the 3D outlook of notebook 05)

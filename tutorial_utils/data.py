@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .data_files import (
     make_synthetic,
     read_slices,
 )
+from .organ_check import LabelOrderWarning, anatomy_problems
 from .phantom import LABEL_NAMES
 
 TEST_IDS = (35, 41, 0, 4, 33, 38, 39, 17)
@@ -222,9 +224,37 @@ def _validate_dataset(ds: Dataset) -> None:
         raise ValueError(f"train_ids and test_ids must be disjoint; both contain {overlap}")
 
 
+def generic_label_names(num_labels: int) -> tuple[str, ...]:
+    """``("background", "label 1", ..., "label {num_labels - 1}")``: names that claim no organ."""
+    return ("background", *(f"label {v}" for v in range(1, check_int("num_labels", num_labels, minimum=1))))
+
+
+def _checked_label_names(labels: torch.Tensor, folder: Path) -> tuple[str, ...]:
+    """:data:`LABEL_NAMES` if they fit the anatomy of ``labels`` [N, H, W], else generic names and one
+    :class:`~tutorial_utils.organ_check.LabelOrderWarning` that lists the contradictions.
+
+    Nobody can look at every real slice, so the organ names are checked against the anatomy
+    (:func:`~tutorial_utils.organ_check.anatomy_problems`) before any table prints them.
+    """
+    problems = anatomy_problems(labels, LABEL_NAMES)
+    if not problems:
+        return LABEL_NAMES
+    generic = generic_label_names(len(LABEL_NAMES))
+    warnings.warn(
+        f"the label values of the slices in {folder} do not fit the organ names "
+        f"{', '.join(f'{v} = {n}' for v, n in enumerate(LABEL_NAMES) if v)}:\n"
+        + "\n".join(f"  - {p}" for p in problems)
+        + f"\nThe organ names are replaced by {generic[1]!r}..{generic[-1]!r}, so that no table prints a "
+          f"wrong organ name; the labels themselves are unchanged.",
+        LabelOrderWarning, stacklevel=4)
+    return generic
+
+
 def _dataset_from_folder(folder: Path, source: str) -> Dataset:
+    """The slices of ``folder``; real slices (any ``source`` but "synthetic") have their organ names checked."""
     images, labels = read_slices(folder)
-    ds = Dataset.from_arrays(images, labels, LABEL_NAMES, TRAIN_IDS, TEST_IDS, source=source)
+    names = LABEL_NAMES if source == "synthetic" else _checked_label_names(torch.as_tensor(labels).long(), folder)
+    ds = Dataset.from_arrays(images, labels, names, TRAIN_IDS, TEST_IDS, source=source)
     ds.root = folder
     return ds
 
@@ -246,6 +276,11 @@ def load_dataset(source: str | None = None, root: str | os.PathLike | None = Non
             Default: only on Colab (on Kaggle the data is mounted; locally ``./tutorial.sh``
             runs ``data_download.py`` once, so notebooks and tests never touch the network).
         seed: phantom seed (a new seed gives new "patients").
+
+    The organ names of real slices are checked against the anatomy
+    (:func:`~tutorial_utils.organ_check.anatomy_problems`); if they do not fit, a
+    :class:`~tutorial_utils.organ_check.LabelOrderWarning` lists why and the dataset's
+    ``label_names`` are "background", "label 1", ..., "label 8" instead.
     """
     if source is None:
         source = os.environ.get(SOURCE_ENV_VAR, "auto")

@@ -5,8 +5,9 @@ Taught in ``notebooks/04_training.ipynb`` and used by every notebook after it: o
 U-Net of :mod:`~tutorial_utils.continuous`, instance optimisation or another toolkit
 (:mod:`~tutorial_utils.compare`) with exactly the same code: the moving labels are warped
 with the displacement (nearest label, :func:`~tutorial_utils.transform.warp_labels`) and
-compared with the fixed ones (:func:`~tutorial_utils.metrics.dice`, averaged over the organs
-with :func:`~tutorial_utils.metrics.mean_over_organs`); the folding is the fraction of pixels
+compared with the fixed ones (:func:`~tutorial_utils.metrics.registration_dice`, averaged over
+the organs with :func:`~tutorial_utils.metrics.mean_over_organs`; by default only the organs that
+both slices of a pair show count); the folding is the fraction of pixels
 with a non-positive Jacobian determinant (:func:`~tutorial_utils.metrics.folding_fraction`).
 """
 
@@ -18,9 +19,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .checks import check_int
+from .checks import check_choice, check_int
 from .data import Dataset, _check_dataset
-from .metrics import dice, folding_fraction, log_jacobian_std, mean_over_organs
+from .metrics import (
+    PRESENT_IN,
+    folding_fraction,
+    log_jacobian_std,
+    mean_over_organs,
+    registration_dice,
+)
 from .registration import register_images
 from .transform import warp_labels
 
@@ -44,7 +51,7 @@ def _displacement(dataset: Dataset, fixed: torch.Tensor, moving: torch.Tensor, f
 
 
 def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tuple[int, int]] | None = None,
-                          batch_size: int = 8, register=None, **kwargs) -> dict:
+                          batch_size: int = 8, register=None, present_in: str = "both", **kwargs) -> dict:
     """Register every (fixed, moving) pair and measure Dice and folding.
 
     Args:
@@ -57,12 +64,19 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
             :mod:`~tutorial_utils.continuous`, instance optimisation, ...) is measured by
             exactly this code. It gets CPU tensors, ``batch_size`` pairs at a time, and is
             called under ``torch.no_grad()``.
+        present_in: which organs a pair's Dice counts (:func:`~tutorial_utils.metrics.registration_dice`).
+            ``"both"`` (default, the primary score): the organs that the fixed and the moving
+            slice both show; an organ cut by only one of two 2D slices is a through-plane
+            difference that no in-plane registration can fix. ``"either"``: the Learn2Reg 3D
+            convention, 0 for an organ in only one of the fixed and warped maps.
         kwargs: passed to ``register_images``.
 
     Returns:
-        ``{"pairs": [P, 2] ints, "dice": float64 [P, L] (per label value, NaN where a label
-        is in neither map), "mean_dice": [P] (:func:`~tutorial_utils.metrics.mean_over_organs`:
-        the foreground labels present; NaN for a pair with no organ in either map),
+        ``{"pairs": [P, 2] ints, "dice": float64 [P, L] (per label value; NaN where a label
+        is not scored: with "both" where the fixed or the moving slice lacks it, with "either"
+        where the fixed and the warped map both lack it), "mean_dice": [P]
+        (:func:`~tutorial_utils.metrics.mean_over_organs` of "dice": the mean over the scored
+        organs; NaN for a pair with none. Average it over pairs with ``torch.nanmean``),
         "folding": [P] (fraction of pixels with det J <= 0), "log_jacobian_std": [P] (the
         standard deviation of log det J over the pixels: 0 for an affine map, larger = rougher;
         :func:`~tutorial_utils.metrics.log_jacobian_std`), "seconds": wall time of
@@ -73,6 +87,7 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
         raise ValueError(f"register must be a callable (image_fixed, image_moving) -> displacement, "
                          f"got {type(register).__name__}")
     _check_dataset(dataset)
+    check_choice("present_in", present_in, PRESENT_IN)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     pairs = list(dataset.test_pairs() if pairs is None else pairs)
     if register is None and isinstance(features, nn.Module):
@@ -99,7 +114,8 @@ def evaluate_registration(dataset: Dataset, features="mind", pairs: Sequence[tup
             warped = warp_labels(labels_moving, displacement, L)
             foldings += folding_fraction(displacement).tolist()
             roughness += log_jacobian_std(displacement).tolist()
-        dices += [dice(dataset.labels[f], w, L) for f, w in zip(fixed.tolist(), warped)]
+        dices += [registration_dice(dataset.labels[f], dataset.labels[m], w, L, present_in)
+                  for f, m, w in zip(fixed.tolist(), moving.tolist(), warped)]
     per_label = torch.stack(dices)  # [P, L]
     return {"pairs": torch.tensor(pairs), "dice": per_label, "mean_dice": mean_over_organs(per_label),
             "folding": torch.tensor(foldings, dtype=torch.float64),

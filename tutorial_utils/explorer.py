@@ -80,7 +80,8 @@ class ExplorerResult:
     Shapes follow the project's vocabulary with a batch of one: images [1, 1, H, W] float in
     [0, 1], label maps [1, H, W] int64, ``displacement`` [1, 2, H, W] (dy, dx) in pixels.
     Dice dictionaries map organ name -> Dice for every foreground organ present in the fixed
-    or the moving slice (NaN where an organ is in neither of the two compared maps).
+    or the moving slice (the primary score: NaN where an organ is in only one of the two slices;
+    ``mean_dice_*`` average the others).
     ``folding_fraction`` is the fraction of pixels with a non-positive Jacobian determinant
     (0..1); ``runtime_s`` the wall-clock seconds of ``register_images`` alone.
     """
@@ -187,18 +188,23 @@ def _slice(dataset: Any, index: int, device: torch.device) -> tuple[torch.Tensor
 
 def _dice_scores(labels_fixed: torch.Tensor, labels_moving: torch.Tensor, labels_warped: torch.Tensor,
                  label_names: tuple[str, ...]) -> dict[str, Any]:
-    """Dice per organ present in either slice, before and after, and their means (metrics.mean_dice)."""
+    """Dice per organ present in either slice, before and after, and their means.
+
+    The primary score (:func:`~tutorial_utils.metrics.dice`, ``present_in="both"``): an organ
+    that only one of the two slices shows is listed with NaN (not scored, a through-plane
+    difference) and left out of the means (:func:`~tutorial_utils.metrics.mean_over_organs`).
+    """
     num_labels = len(label_names)
     before = metrics.dice(labels_fixed, labels_moving, num_labels)  # [num_labels]
-    after = metrics.dice(labels_fixed, labels_warped, num_labels)  # [num_labels]
+    after = metrics.registration_dice(labels_fixed, labels_moving, labels_warped, num_labels)  # [num_labels]
     present = torch.zeros(num_labels, dtype=torch.bool)
     present[torch.unique(labels_fixed).cpu()] = True
     present[torch.unique(labels_moving).cpu()] = True
     organs = [k for k in range(1, num_labels) if present[k]]
     return {"dice_before": {label_names[k]: float(before[k]) for k in organs},
             "dice_after": {label_names[k]: float(after[k]) for k in organs},
-            "mean_dice_before": metrics.mean_dice(labels_fixed, labels_moving, num_labels),
-            "mean_dice_after": metrics.mean_dice(labels_fixed, labels_warped, num_labels)}
+            "mean_dice_before": float(metrics.mean_over_organs(before)),
+            "mean_dice_after": float(metrics.mean_over_organs(after))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +333,11 @@ def render_png(result: ExplorerResult, dpi: int = 72) -> bytes:
 
 
 def dice_table_html(result: ExplorerResult) -> str:
-    """Per-organ Dice before/after as an HTML table (mean in the last row)."""
+    """Per-organ Dice before/after as an HTML table (mean in the last row).
+
+    An organ that only one of the two slices shows is listed with "–" (not scored, not in the
+    mean) and a note under the table says so.
+    """
 
     def cell(value: float) -> str:
         return "–" if not math.isfinite(value) else f"{value:.3f}"
@@ -355,6 +365,9 @@ def dice_table_html(result: ExplorerResult) -> str:
         f'<td class="l2r-mean-dice-after" style="{pad}text-align:right">{cell(after)}</td>'
         f"{change(before, after)}</tr>"
     )
+    if any(not math.isfinite(v) for v in result.dice_before.values()):
+        rows.append(f'<tr><td colspan="4" style="{pad}font-size:11px;color:#555555">– : the organ is in one '
+                    f'slice only (a through-plane difference): not scored</td></tr>')
     return (
         '<table style="border-collapse:collapse;font-size:13px">'
         f'<tr><th style="{pad}text-align:left">organ</th><th style="{pad}">Dice before</th>'

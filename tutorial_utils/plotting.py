@@ -127,7 +127,9 @@ def dice_boxplot(dice_by_method: dict[str, np.ndarray], label_names: Sequence[st
 
     Args:
         dice_by_method: name -> array [num_pairs, num_labels] (column 0 = background, ignored;
-            NaN where an organ is in neither image).
+            NaN where an organ is not scored, e.g. under the primary convention of
+            :func:`~tutorial_utils.metrics.dice` in only one slice of the pair; such pairs are
+            left out of that organ's box).
     """
     organs = list(range(1, len(label_names)))
     methods = list(dice_by_method)

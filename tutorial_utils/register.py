@@ -27,8 +27,9 @@ How the two scans meet (:func:`register_scans`):
 Written to ``--out``: ``displacement.nii.gz`` (ITK/ANTs displacement field, see
 :func:`~tutorial_utils.scans.save_displacement`), ``moving_warped.nii.gz``,
 ``moving_labels_warped.nii.gz`` (with ``--moving-labels``) and, with both label maps,
-``metrics.json``: Dice per label before (after the initial translation) and after registration,
-and the folding fraction of the registration's field. Bad arguments or files: argparse's
+``metrics.json``: Dice per label before (after the initial translation) and after registration
+(the primary score: labels that both label maps show; null for the others, see
+:func:`~tutorial_utils.metrics.registration_dice`), and the folding fraction of the registration's field. Bad arguments or files: argparse's
 message naming the option or file, exit status 2.
 """
 
@@ -50,7 +51,7 @@ import torch
 from .checks import argument_type, check_choice, check_int, check_number
 from .environment import choose_device
 from .instance import instance_optimise
-from .metrics import dice, folding_fraction
+from .metrics import dice, folding_fraction, mean_over_organs, registration_dice
 from .prealign import PREALIGN_MODES
 from .registration import DEFAULTS, FEATURE_STRIDE, Features, register_images
 from .scans import (
@@ -90,8 +91,9 @@ class ScanRegistration:
 
     ``displacement_mm`` [3, Z, Y, X] (x, y, z) RAS mm: fixed point + u = moving point (initial
     translation included); ``warped`` [Z, Y, X] the moving intensities as in its file;
-    ``warped_labels`` int64 [Z, Y, X]; ``dice_before``/``dice_after`` [L] (NaN: label in
-    neither map) when both label maps were given; ``folding``: the fraction of the registration
+    ``warped_labels`` int64 [Z, Y, X]; ``dice_before``/``dice_after`` [L] (NaN: label missing
+    from the fixed or the moving map, :func:`~tutorial_utils.metrics.registration_dice`) when both
+    label maps were given; ``folding``: the fraction of the registration
     field's pixels (voxels) with a Jacobian determinant <= 0, on the registration grid.
     """
 
@@ -204,18 +206,19 @@ def _add_labels(result: ScanRegistration, moving_labels: Scan, fixed_labels: Sca
         index = result.slice_index
         fixed_ref = slice_scan(fixed_labels, index).data if index is not None else fixed_labels.data
         num_labels = int(max(fixed_ref.max(), moving_labels.data.max())) + 1
-        result.dice_before = dice(fixed_ref, labels_at(offset_mm=result.offset_mm), num_labels)
-        result.dice_after = dice(fixed_ref, result.warped_labels, num_labels)
+        before = labels_at(offset_mm=result.offset_mm)  # the moving labels before registration
+        result.dice_before = dice(fixed_ref, before, num_labels)
+        result.dice_after = registration_dice(fixed_ref, before, result.warped_labels, num_labels)
 
 
 def _metrics(result: ScanRegistration, args: argparse.Namespace) -> dict:
-    """What ``metrics.json`` holds (NaN, a label in neither map, becomes null)."""
+    """What ``metrics.json`` holds (NaN, a label not scored, becomes null)."""
     def values(per_label: torch.Tensor) -> dict:
         return {str(v): (None if math.isnan(x) else x) for v, x in enumerate(per_label.tolist()) if v > 0}
 
     def mean(per_label: torch.Tensor) -> float | None:
-        finite = per_label[1:][torch.isfinite(per_label[1:])]
-        return float(finite.mean()) if finite.numel() else None
+        value = float(mean_over_organs(per_label))
+        return None if math.isnan(value) else value
 
     return {"fixed": str(args.fixed), "moving": str(args.moving), "mode": "2d" if args.slice is not None else "3d",
             "slice": result.slice_index, "features": args.features, "num_labels": len(result.dice_after),

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import correlation as _correlation_module
 from .checks import check_choice, check_image_pair, check_int, check_number, check_odd, describe
+from .correlation import argmin_displacement
 from .features import intensity_features, mind_features
 from .prealign import PREALIGN_MODES, prealign_displacement
 from .regularisation import normalise_cost, regularise, soft_displacement
@@ -35,6 +36,7 @@ __all__ = [
     "RegistrationSettings",
     "cost_volume",
     "extract_features",
+    "register_argmin",
     "register_images",
 ]
 
@@ -324,6 +326,34 @@ def register_images(
     details = RegistrationDetails(feat_fixed, feat_moving, cost, cost_reg, probabilities, displacement_low,
                                   pre, FEATURE_STRIDE, settings.disp_range)
     return displacement, details
+
+
+def register_argmin(image_fixed: torch.Tensor, image_moving: torch.Tensor, features: Features = "intensity",
+                    settings: RegistrationSettings = DEFAULTS) -> torch.Tensor:
+    """Registration without regularisation: every feature pixel takes its cheapest displacement.
+
+    The "winner takes all" of notebook 02, on whole test sets in notebook 03 to measure what the
+    regularisation adds: the pre-alignment and the cost volume of :func:`register_images`
+    (``settings.prealign``, ``disp_range``, ``normalise``, ``border``), then the arg-min of each
+    pixel's D x D costs (:func:`~tutorial_utils.correlation.argmin_displacement`), no min-convolution,
+    mean field, soft arg-min or refinement; upsampled to the image like ``register_images``.
+
+    Args:
+        image_fixed, image_moving: [B, 1, H, W] float in [0, 1], as for :func:`register_images`.
+        features: see :func:`extract_features`. settings: a :class:`RegistrationSettings`.
+
+    Returns:
+        displacement [B, 2, H, W], (dy, dx) in image pixels.
+    """
+    check_image_pair(image_fixed, image_moving, FEATURE_STRIDE)
+    settings = _settings(settings, {})
+    pre = prealign_displacement(image_fixed, image_moving, settings.prealign)  # [B, 2, H, W]
+    moving = warp(image_moving, pre) if settings.prealign != "none" else image_moving
+    cost = cost_volume(extract_features(image_fixed, features), extract_features(moving, features),
+                       settings.disp_range, settings.normalise, settings.border)  # [B, D*D, h, w]
+    low = argmin_displacement(cost, settings.disp_range).to(image_fixed.dtype)  # [B, 2, h, w], feature pixels
+    displacement = upsample_displacement(low, image_fixed.shape[-2:], mode=settings.upsample_mode)
+    return compose_displacements(pre, displacement) if settings.prealign != "none" else displacement
 
 
 def _register_in_chunks(image_fixed: torch.Tensor, image_moving: torch.Tensor, features: Features,

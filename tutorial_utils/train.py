@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.evaluate:
         before = evaluate_registration(dataset, None)
         after = evaluate_registration(dataset, model, disp_range=args.disp_range)
-        print(f"test pairs: mean Dice {before['mean_dice'].mean():.3f} before, {after['mean_dice'].mean():.3f} "
+        print(f"test pairs: mean Dice {before['mean_dice'].nanmean():.3f} before, {after['mean_dice'].nanmean():.3f} "
               f"with the trained CNN; folding {100 * after['folding'].mean():.2f}%")
     return 0
 

@@ -22,20 +22,22 @@ from .texture import Draws
 LABEL_NAMES: tuple[str, ...] = (
     "background",
     "spleen",
+    "pancreas",
     "left kidney",
     "gallbladder",
     "esophagus",
     "liver",
     "stomach",
-    "pancreas",
     "duodenum",
 )
-"""Organ names; the index is the label value (0 = background, 1..8 = organs)."""
+"""Organ names; the index is the label value (0 = background, 1..8 = organs). The order of the
+real 2019 slices (Gibson et al.'s TCIA labels as the OBELISK repository's ``TCIA_labels.txt``
+lists them), so that a label value means the same organ on the phantom and on real CT."""
 
 NUM_LABELS: int = len(LABEL_NAMES)
 """Number of label values, background included (9)."""
 
-SPLEEN, LEFT_KIDNEY, GALLBLADDER, ESOPHAGUS, LIVER, STOMACH, PANCREAS, DUODENUM = range(1, 9)
+SPLEEN, PANCREAS, LEFT_KIDNEY, GALLBLADDER, ESOPHAGUS, LIVER, STOMACH, DUODENUM = range(1, 9)
 """Label values (in the order of ``LABEL_NAMES``)."""
 
 # Tissue intensities in HU (portal venous phase).
