@@ -15,16 +15,22 @@ def affine_field(matrix, H, W):
     return torch.stack([a * ys + b * xs + t0 - ys, c * ys + d * xs + t1 - xs])[None]
 
 
-def dice_reference(a, b, num_labels, present_in):
-    """Brute force, one pixel at a time: the pixels of every label in a, in b, and in both.
-
-    "both": NaN unless the label is in both maps; "either": NaN only if it is in neither (0 if in one)."""
+def pixel_counts(a, b, num_labels):
+    """Brute force, one pixel at a time: the pixels of every label in a, in b, and in both."""
     size_a, size_b, shared = [0] * num_labels, [0] * num_labels, [0] * num_labels
     for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
         size_a[x] += 1
         size_b[y] += 1
         if x == y:
             shared[x] += 1
+    return size_a, size_b, shared
+
+
+def dice_reference(a, b, num_labels, present_in):
+    """Brute force (:func:`pixel_counts`) per label.
+
+    "both": NaN unless the label is in both maps; "either": NaN only if it is in neither (0 if in one)."""
+    size_a, size_b, shared = pixel_counts(a, b, num_labels)
     out = []
     for v in range(num_labels):
         scored = (size_a[v] and size_b[v]) if present_in == "both" else (size_a[v] or size_b[v])
@@ -37,12 +43,7 @@ def registration_dice_reference(fixed, moving, warped, num_labels, present_in):
     if present_in == "either":
         return dice_reference(fixed, warped, num_labels, "either")
     in_fixed, in_moving = set(fixed.reshape(-1).tolist()), set(moving.reshape(-1).tolist())
-    size_f, size_w, shared = [0] * num_labels, [0] * num_labels, [0] * num_labels
-    for x, y in zip(fixed.reshape(-1).tolist(), warped.reshape(-1).tolist()):
-        size_f[x] += 1
-        size_w[y] += 1
-        if x == y:
-            shared[x] += 1
+    size_f, size_w, shared = pixel_counts(fixed, warped, num_labels)
     return [2 * shared[v] / (size_f[v] + size_w[v]) if v in in_fixed and v in in_moving else math.nan
             for v in range(num_labels)]
 
