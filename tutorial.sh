@@ -6,6 +6,8 @@
 #   ./tutorial.sh test         set up and run the tests: unit tests and every notebook through nbval
 #                              (extra arguments go to pytest; paths among them replace "tests notebooks")
 #   ./tutorial.sh setup        set up only
+#   ./tutorial.sh store [NB..] (maintainers) execute notebooks in place on the phantom and store
+#                              their outputs: figures, no progress bars, no widget state
 #
 # Environment: L2R_VENV (default .venv), TORCH_SPEC (default torch==2.13.*; an already
 # installed torch is never replaced), L2R_EXTRAS (the package's extras, default dev; dev,compare adds
@@ -48,6 +50,37 @@ case "$mode" in
   setup)
     python data_download.py
     ;;
+  store)
+    # What the repository stores: run on the phantom, figures kept (MPLBACKEND unset: under agg
+    # no figure is stored), tqdm's bars off (live runs show them; stored, they are residue),
+    # no widget state (hundreds of kB that show nothing without a kernel).
+    unset MPLBACKEND
+    export L2R_DATA_SOURCE=synthetic TQDM_DISABLE=1
+    python data_download.py --synthetic
+    notebooks=("${@:2}")
+    [ ${#notebooks[@]} -eq 0 ] && notebooks=(notebooks/[0-9][0-9]_*.ipynb)
+    for nb in "${notebooks[@]}"; do
+      echo "== executing and storing $nb"
+      jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 \
+        --ExecutePreprocessor.store_widget_state=False "$nb"
+      python - "$nb" <<'PY'
+import json, sys
+path = sys.argv[1]
+notebook = json.load(open(path, encoding="utf-8"))
+notebook["metadata"].pop("widgets", None)
+for cell in (cell for cell in notebook["cells"] if cell["cell_type"] == "code"):
+    for output in cell["outputs"]:
+        output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)  # its text/plain stays
+    # a progress bar that TQDM_DISABLE did not reach (e.g. a third-party tqdm with disable=False):
+    # its text on stderr, or the text fallback of tqdm's notebook widget
+    cell["outputs"] = [output for output in cell["outputs"]
+                       if "%|" not in "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))]
+with open(path, "w", encoding="utf-8") as f:
+    json.dump(notebook, f, indent=1, ensure_ascii=False)
+    f.write("\n")
+PY
+    done
+    ;;
   --headless|headless)
     python data_download.py
     mkdir -p build/notebooks
@@ -65,7 +98,7 @@ case "$mode" in
     exec jupyter lab "${root_flag[@]}" notebooks/
     ;;
   *)
-    echo "unknown mode '$mode': use no argument, --headless, test or setup" >&2
+    echo "unknown mode '$mode': use no argument, --headless, test, setup or store" >&2
     exit 2
     ;;
 esac

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import correlation, three_d, training
+from . import correlation, three_d, training, unet_budget
 
-SCRIPTS = (correlation.BENCHMARK, training.BENCHMARK, three_d.BENCHMARK)
+SCRIPTS = (correlation.BENCHMARK, training.BENCHMARK, three_d.BENCHMARK, unet_budget.BENCHMARK)
 
 
 def main() -> int:

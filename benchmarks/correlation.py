@@ -25,7 +25,6 @@ import torch
 from tutorial_utils.correlation import correlation, correlation_unfold
 from tutorial_utils.training import device_name
 
-from . import timing
 from .timing import (
     Benchmark,
     format_mib,
@@ -295,13 +294,7 @@ BENCHMARK = Benchmark(
     format=format_correlation_table,
 )
 
-
-def build_parser() -> argparse.ArgumentParser:
-    return timing.build_parser(BENCHMARK)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return timing.main(BENCHMARK, argv)
+build_parser, main = BENCHMARK.build_parser, BENCHMARK.main  # the command line, see benchmarks.timing
 
 
 if __name__ == "__main__":

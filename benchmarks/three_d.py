@@ -36,7 +36,6 @@ from tutorial_utils.three_d.regularisation import (
 from tutorial_utils.three_d.sparse import sparse_correlation3d
 from tutorial_utils.training import device_name
 
-from . import timing
 from .timing import (
     Benchmark,
     format_mib,
@@ -374,13 +373,7 @@ BENCHMARK = Benchmark(
     format=format_3d_table,
 )
 
-
-def build_parser() -> argparse.ArgumentParser:
-    return timing.build_parser(BENCHMARK)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return timing.main(BENCHMARK, argv)
+build_parser, main = BENCHMARK.build_parser, BENCHMARK.main  # the command line, see benchmarks.timing
 
 
 if __name__ == "__main__":

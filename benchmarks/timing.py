@@ -18,9 +18,9 @@ shared machine.
 
 Command line: each script describes itself as a :class:`Benchmark` (a name, a help line, a
 function that adds its options, one that runs it and returns a JSON-serialisable dict, one that
-formats that dict as a table) and hands it to :func:`main`, which adds ``--json PATH`` (also
-write the results; ``benchmark-results/`` is git-ignored) and ``--threads N``, prints the
-table and writes the JSON.
+formats that dict as a table) and nothing more: its ``main`` is ``BENCHMARK.main``, i.e.
+:func:`main`, which adds ``--json PATH`` (also write the results; ``benchmark-results/`` is
+git-ignored) and ``--threads N``, prints the table and writes the JSON.
 """
 
 from __future__ import annotations
@@ -225,6 +225,14 @@ class Benchmark:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], dict]
     format: Callable[[dict], str]
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """:func:`build_parser` of this benchmark."""
+        return build_parser(self)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """:func:`main` of this benchmark: what ``python -m benchmarks.MODULE`` runs."""
+        return main(self, argv)
 
 
 def build_parser(benchmark: Benchmark) -> argparse.ArgumentParser:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -31,7 +30,6 @@ from tutorial_utils.pipeline_2019 import train_features_2019, train_features_set
 from tutorial_utils.train import DEFAULTS, train_features
 from tutorial_utils.training import device_name
 
-from . import timing
 from .timing import Benchmark, machine_info, positive_int, resolve_device
 
 __all__ = ["BENCHMARK", "build_parser", "format_training_table", "main", "run_training_benchmark"]
@@ -190,13 +188,7 @@ BENCHMARK = Benchmark(
     format=format_training_table,
 )
 
-
-def build_parser() -> argparse.ArgumentParser:
-    return timing.build_parser(BENCHMARK)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return timing.main(BENCHMARK, argv)
+build_parser, main = BENCHMARK.build_parser, BENCHMARK.main  # the command line, see benchmarks.timing
 
 
 if __name__ == "__main__":

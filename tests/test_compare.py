@@ -127,7 +127,7 @@ def test_itk_without_elastix_is_not_available(monkeypatch):
 
 def test_bad_inputs_are_named(pair):
     fixed, moving = pair
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="differ in shape"):
         compare.register_ants_syn(fixed, moving[:, :, :32])
     with pytest.raises(ValueError, match="image_moving"):
         compare.register_elastix(fixed, moving[:, 0])

@@ -39,6 +39,9 @@ def test_setup_notebook_prints_versions_and_device(capsys):
     device = environment.setup_notebook(seed=1)
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and f"device: {device.type}" in out
+    import matplotlib.pyplot as plt
+
+    assert plt.rcParams["figure.dpi"] == environment.FIGURE_DPI == 72  # one resolution in every notebook
 
 
 def test_feature_cnn_shapes_and_errors():

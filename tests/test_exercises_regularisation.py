@@ -3,6 +3,7 @@ also ones written differently from the reference."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from tutorial_utils import regularisation as R
 from tutorial_utils.exercises._core import CORRECT, ERROR, INCORRECT, NOT_ATTEMPTED
-from tutorial_utils.exercises.regularisation import q1, q2
+from tutorial_utils.exercises.regularisation import _mean_field_loop, q1, q2, q3
 
 
 def _status(exercise, answer):
@@ -206,3 +207,142 @@ def test_hints_and_solutions_show(capsys):
         exercise.solution()
     out = capsys.readouterr().out
     assert "hint 1 of 3" in out and "hint 3 of 3" in out and "def my_min_convolution" in out
+
+
+# =========================================================================== q3: the mean field
+
+
+@pytest.mark.parametrize("shape, kernel, passes", [((2, 9, 4, 5), 3, 2), ((1, 25, 5, 3), 5, 3), ((1, 4, 3, 2), 3, 1),
+                                                    ((1, 9, 2, 3), 5, 1), ((2, 1, 3, 3), 1, 2), ((1, 9, 3, 4), 3, 0)])
+def test_q3_reference_loop_is_the_package_mean_field(shape, kernel, passes):
+    """The checker's brute-force loop and tutorial_utils.regularisation.mean_field are the same definition."""
+    cost = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
+    expected = R.mean_field(cost, kernel=kernel, passes=passes)
+    torch.testing.assert_close(_mean_field_loop(cost, kernel, passes), expected, rtol=1e-12, atol=1e-12)
+
+
+def mean_field_modules(cost, kernel, passes):
+    """nn modules, as the 2019 slides wrote the poolings."""
+    pad = torch.nn.ReplicationPad2d(passes * (kernel - 1) // 2)
+    pool = torch.nn.AvgPool2d(kernel, stride=1)
+    x = pad(cost)
+    for _ in range(passes):
+        x = pool(x)
+    return x
+
+
+def mean_field_unfold(cost, kernel, passes):
+    """Window means with Tensor.unfold instead of pooling."""
+    p = passes * (kernel - 1) // 2
+    x = F.pad(cost, (p, p, p, p), mode="replicate")
+    for _ in range(passes):
+        x = x.unfold(2, kernel, 1).unfold(3, kernel, 1).mean(dim=(-2, -1))
+    return x
+
+
+@pytest.mark.parametrize("answer", [mean_field_modules, mean_field_unfold, R.mean_field])
+def test_q3_correct_answers_pass(answer):
+    status, message = _status(q3, answer)
+    assert status == CORRECT, message
+
+
+def test_q3_solution_passes():
+    namespace = {"F": F, "torch": torch}
+    exec(textwrap.dedent(q3.solution_code), namespace)
+    status, message = _status(q3, namespace["my_mean_field"])
+    assert status == CORRECT, message
+
+
+def _mf(cost, kernel, passes, pad=None, mode="replicate", per_pass=False, pool_padding=0, include=True, stride=1):
+    pad = passes * (kernel - 1) // 2 if pad is None else pad
+    x = cost
+    if pad and not per_pass:
+        x = F.pad(x, (pad,) * 4, mode=mode)
+    for _ in range(passes):
+        if per_pass:
+            x = F.pad(x, ((kernel - 1) // 2,) * 4, mode=mode)
+        x = F.avg_pool2d(x, kernel, stride=stride, padding=pool_padding, count_include_pad=include)
+    return x
+
+
+def mean_field_over_displacements(cost, kernel, passes):
+    """The min-convolution's reshape: pools each pixel's D x D grid instead of the image."""
+    B, K, h, w = cost.shape
+    D = round(K**0.5)
+    grid = _mf(cost.permute(0, 2, 3, 1).reshape(-1, 1, D, D), kernel, passes)
+    return grid.reshape(B, h, w, K).permute(0, 3, 1, 2)
+
+
+def mean_field_3d(cost, kernel, passes):
+    p = passes * (kernel - 1) // 2
+    x = F.pad(cost[:, None], (p,) * 6, mode="replicate")
+    for _ in range(passes):
+        x = F.avg_pool3d(x, kernel, stride=1)
+    return x[:, 0]
+
+
+def mean_field_3d_channels_shrink(cost, kernel, passes):
+    p = passes * (kernel - 1) // 2
+    x = F.pad(cost, (p,) * 4, mode="replicate")[:, None]
+    for _ in range(passes):
+        x = F.avg_pool3d(x, kernel, stride=1)
+    return x[:, 0]
+
+
+MISTAKES_Q3 = {
+    "zero padding": (lambda c, k, n: _mf(c, k, n, mode="constant"), r"^Wrong padding mode: with zero padding"),
+    "pool padding (zeros)": (lambda c, k, n: _mf(c, k, n, pad=0, pool_padding=(k - 1) // 2),
+                             r"^Wrong padding mode: avg_pool2d's own padding= pads with zeros"),
+    "count_include_pad=False": (lambda c, k, n: _mf(c, k, n, pad=0, pool_padding=(k - 1) // 2, include=False),
+                                r"^Wrong padding: avg_pool2d\(\.\.\., padding=\.\.\., count_include_pad=False\)"),
+    "reflect padding": (lambda c, k, n: _mf(c, k, n, mode="reflect"), r"^Wrong padding mode: .* not reflection"),
+    "padding every pass": (lambda c, k, n: _mf(c, k, n, per_pass=True), r"^You padded before every pass"),
+    "one pass too few": (lambda c, k, n: _mf(c, k, n - 1), r"^Wrong number of passes: you averaged 1 times; the "
+                                                           r"exercise asks for passes = 2"),
+    "one pass too many": (lambda c, k, n: _mf(c, k, n + 1), r"^Wrong number of passes: you averaged 3 times"),
+    "passes hard-coded 3": (lambda c, k, n: _mf(c, k, 3), r"^Wrong number of passes: you averaged 3 times; the "
+                                                         r"exercise asks for passes = 2"),
+    "kernel hard-coded 5": (lambda c, k, n: _mf(c, 5, n), r"^Wrong kernel size: you pooled 5 x 5 windows"),
+    "over the displacements": (mean_field_over_displacements, r"^You pooled over the displacement dimensions"),
+    "3D pooling": (mean_field_3d, r"^You pooled over the displacement channels as well as the image"),
+    "3D pooling, channels shrink": (mean_field_3d_channels_shrink,
+                                    r"^Wrong output shape: .* The number of displacement channels changed"),
+    "padding lost": (lambda c, k, n: _mf(c, k, n, pad=0),
+                     r"^Wrong output shape: .* The image shrank by 4 = passes \* \(kernel - 1\): the padding was lost"),
+    "padding lost, small map": (lambda c, k, n: R.mean_field(c, k, n) if c.shape[-2] > 5 else _mf(c, k, n, pad=0),
+                                r"^The image shrank to nothing: .* The padding was lost"),
+    "padding too small": (lambda c, k, n: _mf(c, k, n, pad=1), r"^Wrong output shape: .* the padding is too small"),
+    "padding too large": (lambda c, k, n: _mf(c, k, n, pad=3), r"^Wrong output shape: .* The image grew"),
+    "default stride": (lambda c, k, n: _mf(c, k, n, stride=k), r"stride"),
+    "returns numpy": (lambda c, k, n: R.mean_field(c, k, n).detach().numpy(), r"^Your function should return a "
+                                                                           r"torch\.Tensor, it returned ndarray"),
+    "detached": (lambda c, k, n: R.mean_field(c, k, n).detach(), r"^Not differentiable"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISTAKES_Q3))
+def test_q3_catches_mistake(name):
+    answer, pattern = MISTAKES_Q3[name]
+    status, message = _status(q3, answer)
+    assert status == INCORRECT, (name, status, message)
+    assert re.search(pattern, message), (name, message)
+
+
+def test_q3_unexplained_values_point_at_a_pixel():
+    status, message = _status(q3, lambda c, k, n: R.mean_field(c, k, n) * 1.1)
+    assert status == INCORRECT and re.search(r"^Wrong values: e\.g\. channel k=\d+ at pixel .* should be", message)
+
+
+def test_q3_stub_not_a_function_and_fallback(capsys):
+    def stub(cost, kernel, passes):
+        raise NotImplementedError  # replace this line with your code
+
+    assert _status(q3, stub)[0] == NOT_ATTEMPTED
+    status, message = _status(q3, "my_mean_field")
+    assert status == INCORRECT and "q3.check(my_mean_field)" in message
+    assert q3.use(stub, fallback=R.mean_field) is R.mean_field
+    assert "reference" in capsys.readouterr().out
+    q3.hint(2)
+    q3.solution()
+    out = capsys.readouterr().out
+    assert "Exercise 3: the mean field: hint 2 of 3" in out and "def my_mean_field(cost, kernel, passes):" in out

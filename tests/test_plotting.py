@@ -90,6 +90,20 @@ def test_show_overlay_contours_one_per_present_label_in_its_colour():
     assert len(ax2.images) == 1 and not ax2.collections and ax2.get_title() == ""
 
 
+def test_show_overlay_outlines_a_second_map_over_the_filled_first():
+    labels = torch.zeros(6, 6, dtype=torch.long)
+    labels[1:3, 1:3] = 1
+    second = torch.zeros(6, 6, dtype=torch.long)
+    second[2:5, 2:5] = 3
+    second[0, 5] = 2
+    fig, ax = plt.subplots()
+    P.show_overlay(ax, torch.rand(6, 6), labels, num_labels=4, outlines=second)
+    assert len(ax.images) == 2  # the grey image and the filled organs
+    colours = P.label_colours(4)
+    drawn = [to_rgba(c.get_edgecolor()[0]) for c in ax.collections]
+    assert sorted(drawn) == sorted(to_rgba(colours[v]) for v in (2, 3))  # one outline per organ of the second map
+
+
 def test_organ_legend_names_the_organs_in_their_colours():
     fig, ax = plt.subplots()
     legend = P.organ_legend(ax, NAMES)
@@ -196,8 +210,8 @@ def test_show_cost_volume_lays_channels_out_on_the_displacement_grid(step, steps
     cost = torch.rand(1, D * D, 3, 4, generator=torch.Generator().manual_seed(2))
     fig = P.show_cost_volume(cost, D, step=step, size=0.5)
     n = len(steps)
-    assert len(fig.axes) == n * n
-    axes = np.array(fig.axes).reshape(n, n)
+    assert len(fig.axes) == n * n + 1  # the images and one colour bar
+    axes = np.array(fig.axes[:n * n]).reshape(n, n)
     for a, i in enumerate(steps):
         for b, j in enumerate(steps):
             assert np.array_equal(axes[a, b].images[0].get_array(), cost[0, i * D + j].numpy())
@@ -206,8 +220,43 @@ def test_show_cost_volume_lays_channels_out_on_the_displacement_grid(step, steps
             centre = i == r and j == r
             assert (to_rgba(axes[a, b].spines["top"].get_edgecolor()) == to_rgba("orange")) == centre
     assert "cost volume" in fig.get_suptitle()
-    clims = {ax.images[0].get_clim() for ax in fig.axes}
+    clims = {ax.images[0].get_clim() for ax in fig.axes[:n * n]}
     assert len(clims) == 1  # one shared colour scale
+    bar = axes[0, 0].images[0].colorbar or axes[-1, -1].images[0].colorbar
+    assert bar is not None and bar.ax is fig.axes[-1] and "cost" in bar.ax.get_ylabel()
+    assert (bar.vmin, bar.vmax) == pytest.approx(clims.pop())  # the bar shows the shared scale
+
+
+def test_show_cost_maps_ticks_are_whole_offsets():
+    for D, expected in ((5, [-2, -1, 0, 1, 2]), (13, [-6, -4, -2, 0, 2, 4, 6])):
+        cost = torch.rand(1, D * D, 3, 3, generator=torch.Generator().manual_seed(D))
+        fig = P.show_cost_maps(cost, D, [(1, 1)], torch.rand(12, 12), torch.rand(12, 12), stride=4, size=2.0)
+        panel = fig.axes[2]
+        assert list(panel.get_xticks()) == expected and list(panel.get_yticks()) == expected
+        plt.close(fig)
+
+
+def test_masks_leave_the_air_out_of_fields_grids_and_jacobians():
+    h, w = 4, 6
+    disp = torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[1:3, 2:5] = True  # 6 pixels inside
+    fig, axes = plt.subplots(1, 3)
+    P.show_displacement_field(axes[0], disp, step=1, mask=mask)
+    quiver = axes[0].collections[0]
+    inside = mask.nonzero().tolist()
+    assert len(quiver.X) == len(inside)
+    assert np.allclose(quiver.U, [float(disp[0, 1, y, x]) for y, x in inside])
+    P.show_deformation_grid(axes[1], disp, spacing=1, mask=mask)
+    for line, y in zip(axes[1].lines, range(h)):  # row y: drawn only inside the mask
+        assert np.array_equal(np.isfinite(line.get_xdata()), mask[y].numpy())
+    jac = torch.linspace(-1, 2, h * w).view(h, w)
+    im = P.show_jacobian(axes[2], jac, mask=mask)
+    assert np.array_equal(np.ma.getmaskarray(im.get_array()), ~mask.numpy())  # colour inside only
+    folds = axes[2].images[1].get_array()
+    assert np.array_equal(~np.ma.getmaskarray(folds), ((jac <= 0) & mask).numpy())
+    grey = axes[2].images[2].get_array()
+    assert np.array_equal(~np.ma.getmaskarray(grey), ~mask.numpy())  # grey exactly outside
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -285,7 +334,9 @@ def test_show_min_convolution_panels_curves_and_legend():
     assert "lambda = 0.3" in grids[1].get_title()
     assert grids[2].images[0].colorbar is not None
     curves = fig.axes[3]
-    assert texts(curves.get_legend()) == ["data cost", "exact: lower envelope", "approximation"]
+    assert texts(curves.get_legend()) == ["data cost", "exact: lower envelope of all rows' parabolas", "approximation"]
+    assert "another row" in curves.get_title()  # the envelope may lie below the drawn parabolas
+    assert list(grids[0].get_xticks()) == list(range(-r, r + 1))  # whole offsets
     parabolas, (data, exact_line, approx_line) = curves.lines[:D], curves.lines[D:]
     for line, grid in ((data, cost), (exact_line, exact), (approx_line, approx)):
         assert np.allclose(line.get_xdata(), np.arange(-r, r + 1)) and np.allclose(line.get_ydata(), grid[3].numpy())

@@ -4,6 +4,7 @@ small phantom pair."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -12,8 +13,18 @@ import torch
 from tutorial_utils.metrics import dice
 from tutorial_utils.phantom import NUM_LABELS, make_phantom_volume
 from tutorial_utils.three_d import features as FT
-from tutorial_utils.three_d.registration import cost_volume3d, extract_features3d, register_volumes
-from tutorial_utils.three_d.sparse import register_volumes_sparse
+from tutorial_utils.three_d.registration import (
+    DEFAULTS_3D,
+    RegistrationSettings3d,
+    cost_volume3d,
+    extract_features3d,
+    register_volumes,
+)
+from tutorial_utils.three_d.sparse import (
+    DEFAULTS_SPARSE_3D,
+    SparseSettings3d,
+    register_volumes_sparse,
+)
 from tutorial_utils.three_d.transform import (
     interpolate_control_field3d,
     upsample_displacement3d,
@@ -197,3 +208,78 @@ def test_register_volumes_bad_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         register_volumes(**args)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_the_3d_defaults_are_the_documented_values():
+    assert DEFAULTS_3D == RegistrationSettings3d() and DEFAULTS_SPARSE_3D == SparseSettings3d()
+    assert DEFAULTS_3D.as_dict() == {
+        "disp_range": 7, "stride": 2, "min_kernel": 3, "avg_kernel": 3, "avg_passes": 2, "meanfield_kernel": 3,
+        "meanfield_passes": 3, "meanfield_iterations": 1, "alpha": 100.0, "normalise": True, "border": "replicate"}
+    assert DEFAULTS_SPARSE_3D.as_dict() == {
+        "disp_range": 7, "stride": 2, "min_kernel": 3, "avg_kernel": 3, "avg_passes": 1, "meanfield_kernel": 3,
+        "meanfield_passes": 1, "meanfield_iterations": 1, "alpha": 100.0, "normalise": True, "grid_step": 2,
+        "disp_step": 1, "lam": 0.5}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULTS_3D.disp_range = 9
+
+
+@pytest.mark.parametrize("kind", [RegistrationSettings3d, SparseSettings3d])
+@pytest.mark.parametrize("changes, error, message", [
+    ({"disp_range": 4}, ValueError, "disp_range must be an odd integer"),
+    ({"stride": 0}, ValueError, "stride must be an integer >= 1"),
+    ({"stride": 2.0}, TypeError, "stride must be an integer"),
+    ({"min_kernel": 2}, ValueError, "min_kernel must be an odd integer"),
+    ({"avg_passes": -1}, ValueError, "avg_passes must be an integer >= 0"),
+    ({"meanfield_iterations": -1}, ValueError, "meanfield_iterations must be an integer >= 0"),
+    ({"alpha": 0.0}, ValueError, "alpha must be > 0"),
+    ({"normalise": "yes"}, ValueError, "normalise must be one of True, False"),
+])
+def test_bad_3d_settings_are_refused_by_name(kind, changes, error, message):
+    with pytest.raises(error, match=message):
+        kind(**changes)
+
+
+@pytest.mark.parametrize("kind, changes, error, message", [
+    (RegistrationSettings3d, {"border": "wrap"}, ValueError, "border must be one of 'replicate', 'zeros'"),
+    (SparseSettings3d, {"grid_step": 0}, ValueError, "grid_step must be an integer >= 1"),
+    (SparseSettings3d, {"disp_step": 0}, ValueError, "disp_step must be an integer >= 1"),
+    (SparseSettings3d, {"lam": -0.5}, ValueError, "lam must be >= 0"),
+    (RegistrationSettings3d, {"grid_step": 2}, TypeError, "unexpected keyword argument 'grid_step'"),
+])
+def test_bad_settings_of_one_variant_are_refused(kind, changes, error, message):
+    with pytest.raises(error, match=message):
+        kind(**changes)
+
+
+def test_numpy_numbers_become_python_numbers():
+    np = pytest.importorskip("numpy")
+    settings = RegistrationSettings3d(disp_range=np.int64(5), alpha=np.float32(10))
+    assert type(settings.disp_range) is int and type(settings.alpha) is float and settings.disp_range == 5
+
+
+@pytest.mark.parametrize("register, defaults, changes", [
+    (register_volumes, DEFAULTS_3D, {"disp_range": 5, "stride": 4, "alpha": 30.0}),
+    (register_volumes_sparse, DEFAULTS_SPARSE_3D, {"disp_range": 9, "disp_step": 2, "grid_step": 3}),
+])
+def test_keyword_changes_equal_a_replaced_settings_object(small_pair, register, defaults, changes):
+    volumes, _ = small_pair
+    by_keywords = register(volumes[:1], volumes[1:], "intensity", **changes)
+    by_object = register(volumes[:1], volumes[1:], "intensity", dataclasses.replace(defaults, **changes))
+    assert torch.equal(by_keywords, by_object)
+    assert torch.equal(register(volumes[:1], volumes[1:], "intensity"),
+                       register(volumes[:1], volumes[1:], "intensity", defaults))
+
+
+@pytest.mark.parametrize("register", [register_volumes, register_volumes_sparse])
+def test_unknown_or_misplaced_3d_settings_are_named(register):
+    volume = torch.rand(1, 1, 4, 8, 8)
+    with pytest.raises(TypeError, match="unknown registration setting.*disp_rnage"):
+        register(volume, volume, disp_rnage=5)
+    with pytest.raises(TypeError, match="settings must be a .*Settings3d.*write disp_range=5"):
+        register(volume, volume, "mind", 5)  # the old positional disp_range
+    other = DEFAULTS_SPARSE_3D if register is register_volumes else DEFAULTS_3D
+    with pytest.raises(TypeError, match="settings must be a"):
+        register(volume, volume, "mind", other)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from nifti_files import file_voxel_to_lps, lps_affine, to_file_order, write
 
+from tutorial_utils.register import resample_to
 from tutorial_utils.scans import (
     DEFAULT_WINDOW,
     Scan,
@@ -26,7 +27,6 @@ from tutorial_utils.scans import (
     load_scan,
     pad_to_multiple,
     resample_scan,
-    resample_to,
     save_displacement,
     save_image,
     save_labels,

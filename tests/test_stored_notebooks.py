@@ -40,3 +40,43 @@ def test_no_stored_errors(path):
     errors = [i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
               for output in cell.get("outputs", []) if output.get("output_type") == "error"]
     assert not errors, f"{path.name}: cells {errors} store an error"
+
+
+MACHINE_PATHS = ("/home/", "/root/", "/Users/", "/tmp/", "/work/", "site-packages", "C:\\Users")
+"""Pieces of paths that belong to the machine that stored the outputs, not to the tutorial."""
+
+
+def stored_text(cell: dict) -> str:
+    """Everything a cell stores as text: streams, plain-text results and errors."""
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append("".join(output.get("text", "")))
+        parts.append("".join(output.get("data", {}).get("text/plain", "")))
+        parts.append("\n".join(output.get("traceback", [])))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_are_clean(path):
+    """No progress-bar residue (a bar at 0%), no paths of the storing machine, no widget state
+    (it is several hundred kB and shows nothing without a kernel), and a kernelspec, so that
+    Jupyter, Colab and Kaggle open the notebook with Python 3 without asking."""
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    assert notebook["metadata"].get("kernelspec", {}).get("language") == "python", f"{path.name}: no kernelspec"
+    bars = [i for i, cell in enumerate(notebook["cells"]) if "%|" in stored_text(cell)]
+    assert not bars, f"{path.name}: cells {bars} store a progress bar (store with TQDM_DISABLE=1)"
+    paths = [(i, piece) for i, cell in enumerate(notebook["cells"]) for piece in MACHINE_PATHS
+             if piece in stored_text(cell)]
+    assert not paths, f"{path.name}: cells store paths of the machine: {paths}"
+    widget_state = len(json.dumps(notebook["metadata"].get("widgets", {})))
+    assert widget_state < 1000, f"{path.name}: {widget_state} bytes of widget state (store with store_widget_state=False)"
+    views = [i for i, cell in enumerate(notebook["cells"]) for output in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
+    assert not views, f"{path.name}: cells {views} store widget views whose state is not stored"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_valid_nbformat(path):
+    """Jupyter, Colab and Kaggle open only what the nbformat schema allows (cell ids, no outputs on markdown)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbformat.validate(nbformat.read(path, as_version=4))

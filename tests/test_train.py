@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -244,3 +248,21 @@ def test_command_line_trains_on_a_folder_of_scans(tmp_path, capsys):
     for argv, message in ((["--source", "synthetic"], "--scans and --source"), (["--evaluate"], "at least 2 held-out"),
                           (["--test-scans", "4"], "num_test must be")):
         exits_with_usage(main, ["--scans", str(folder), "--out", str(out), *argv], message, capsys)
+
+
+@pytest.mark.parametrize("disable, shown", [(None, True), ("1", False)])
+def test_the_progress_bar_honours_tqdm_disable(disable, shown):
+    """``./tutorial.sh store`` sets TQDM_DISABLE=1 so that no bar is stored; progress=True must not override it.
+    tqdm reads the variable when it is imported, hence a fresh process."""
+    script = ("import sys; sys.path.insert(0, 'tests')\n"
+              "from blob_data import blob_dataset\n"
+              "from tutorial_utils.train import train_features\n"
+              "train_features(blob_dataset(num_labels=3, size=(32, 48), seed=2), num_pairs=2, progress=True,\n"
+              "               images_per_step=2, prealign='none', device='cpu')\n")
+    env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
+    if disable is not None:
+        env["TQDM_DISABLE"] = disable
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("pairs/s" in done.stderr) == shown

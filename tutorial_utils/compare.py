@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import check_choice, check_image, check_int, check_number, check_same, describe
+from .checks import check_choice, check_image_pair, check_int, check_number, describe
 
 __all__ = ["INSTALL_HINT", "METHODS", "MissingLibraryError", "available_methods", "load_libraries",
            "patient_bootstrap", "register_ants_syn", "register_elastix", "why_unavailable"]
@@ -139,9 +139,8 @@ def load_libraries() -> dict[str, float]:
 
 
 def _check_pair(image_fixed: torch.Tensor, image_moving: torch.Tensor, seed: int) -> int:
-    check_image("image_fixed", image_fixed)  # [B, 1, H, W], floating point, finite
-    check_image("image_moving", image_moving)
-    check_same("image_fixed", image_fixed, "image_moving", image_moving, shape=True)
+    """The images as every registration checks them (any size), and the seed (an int >= 1)."""
+    check_image_pair(image_fixed, image_moving)  # [B, 1, H, W], floating point, finite, same shape and device
     return check_int("seed", seed, minimum=1)
 
 

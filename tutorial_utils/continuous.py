@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import argument_type, check_choice, check_image_pair, check_int, check_number
+from .checks import check_choice, check_image_pair, check_int, check_number
 from .data import Dataset, _check_dataset
 from .environment import choose_device
 from .evaluation import evaluate_registration
@@ -40,17 +40,19 @@ from .losses import LABEL_LOSSES, diffusion_penalty, label_loss
 from .models import DisplacementUNet
 from .prealign import PREALIGN_MODES, prealign_displacement
 from .training import (
-    TRAINING_PREALIGN,
     LossHistory,
     _check_training,
     _prepare_training_data,
     _training_ids,
+    _training_prealign,
     add_run_arguments,
+    add_training_arguments,
+    check_run_arguments,
     load_state_dict,
-    non_negative_float,
     pipeline_defaults,
     positive_float,
     positive_int,
+    report_training,
     save_state_dict,
     seeded,
     train_loop,
@@ -196,8 +198,7 @@ def train_unet(dataset: Dataset, num_pairs: int | None = None, seconds: float | 
     seed, images_per_step, lr, diffusion_weight, threads = _check_training(
         seed, images_per_step, lr, diffusion_weight, threads)
     check_choice("loss", loss, LABEL_LOSSES)
-    prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
-    check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
+    prealign = _training_prealign(prealign)
     device = choose_device(str(device)) if device is not None else choose_device()
     n = min(images_per_step, len(ids))
     steps = -(-num_pairs // (n * (n - 1))) if num_pairs is not None else None
@@ -329,14 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pairs per network and repeat for --measure-budget (default 240)")
     parser.add_argument("--measure-repeats", type=positive_int, default=2,
                         help="alternating runs of both networks for --measure-budget (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
-                        help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--diffusion-weight", type=non_negative_float, default=DEFAULTS["diffusion_weight"],
-                        help=f"weight of the diffusion penalty (default {DEFAULTS['diffusion_weight']})")
-    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
-                        default=DEFAULTS["images_per_step"],
-                        help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
+    add_training_arguments(parser, DEFAULTS)
     parser.add_argument("--loss", choices=LABEL_LOSSES, default=DEFAULTS["loss"], help=f"label loss (default: {DEFAULTS['loss']})")
     add_run_arguments(parser)
     return parser
@@ -349,10 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.measure_budget is None and args.out is None:
         parser.error("--out is required (unless --measure-budget is given)")
-    if args.out is not None and args.out.is_dir():
-        parser.error(f"--out must be a file to write, but {args.out} is a folder")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # evaluation; training is told below
+    check_run_arguments(parser, args)
     dataset = load_dataset(source=args.source, seed=args.data_seed)
     print(f"data: {dataset}")
     unet_kwargs = dict(lr=args.lr, diffusion_weight=args.diffusion_weight, images_per_step=args.images_per_step,
@@ -370,11 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, history = train_unet(dataset, num_pairs=args.pairs, seconds=args.seconds, seed=args.seed,
                                 device=args.device, progress=not args.no_progress, threads=args.threads,
                                 **unet_kwargs)
-    path = save_unet(model, args.out)
-    tail = history[-20:]
-    print(f"trained on {history.pairs} pairs in {history.seconds:.1f} s ({history.pairs_per_second:.1f} pairs/s), "
-          f"loss {history[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)")
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
+    report_training(history, save_unet(model, args.out), last=20)
     if args.evaluate:
         before = evaluate_registration(dataset, None)
         after = evaluate_registration(dataset, register=lambda f, m: register_unet(model, f, m))

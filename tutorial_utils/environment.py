@@ -69,15 +69,21 @@ def where_am_i() -> str:
     return "local"
 
 
+FIGURE_DPI = 72
+"""The one figure resolution of every notebook (dots per inch): moderate stored notebooks."""
+
+
 def setup_notebook(seed: int = 0, device: str | None = None, verbose: bool = True) -> torch.device:
-    """Seed everything, pick the device and print one line of versions.
+    """Seed everything, pick the device, set the figure resolution and print one line of versions.
 
     Returns the chosen ``torch.device``.
     """
     import matplotlib
+    import matplotlib.pyplot as plt  # activates the notebook's backend, which sets its own rc first
 
     from . import __version__
 
+    plt.rcParams["figure.dpi"] = FIGURE_DPI
     seed_everything(seed)
     chosen = choose_device(device)
     if verbose:

@@ -189,7 +189,8 @@ def train_features_2019(dataset: Dataset, num_pairs: int | None = None, disp_ran
         history.settings = {**s, "seed": seed, "device": str(device)}
         start = time.perf_counter()
         with _cpu_settings(device, threads):
-            for step in tqdm(range(num_pairs), disable=not progress, desc="training (2019 loop)", unit="pairs"):
+            off = {} if progress else {"disable": True}  # as in training.train_loop: TQDM_DISABLE=1 is honoured
+            for step in tqdm(range(num_pairs), desc="training (2019 loop)", unit="pairs", **off):
                 f, m = (ids[int(i)] for i in torch.randperm(len(ids), generator=generator)[:2])
                 loss = loss_2019(model, dataset.images[f:f + 1].to(device), dataset.images[m:m + 1].to(device),
                                  dataset.labels[f:f + 1].to(device), dataset.labels[m:m + 1].to(device),

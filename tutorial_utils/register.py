@@ -16,7 +16,7 @@ How the two scans meet (:func:`register_scans`):
    only). In 3D the volumes are registered at an isotropic spacing: ``--spacing``, default the
    fixed scan's smallest voxel size but at least :data:`MIN_SPACING_3D` mm, whenever the fixed
    voxels differ from it (memory grows as 1/spacing^3);
-3. the moving scan is resampled onto that grid after an initial translation (``--initial``: the
+3. the moving scan is resampled onto that grid (:func:`resample_to`) after an initial translation (``--initial``: the
    centres of the fields of view (default, like ITK's geometry-centred initialiser), the scanner
    coordinates as they are (``world``), or the intensity centres of mass (``mass``)); for two scans
    on one grid the default changes nothing, and 2D slice ``N`` of both is the same plane;
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checks import argument_type, check_choice, check_int, check_number
 from .environment import choose_device
@@ -65,7 +66,6 @@ from .scans import (
     load_scan,
     pad_to_multiple,
     resample_scan,
-    resample_to,
     save_displacement,
     save_image,
     save_labels,
@@ -77,7 +77,7 @@ from .three_d.registration import DEFAULTS_3D, register_volumes
 from .train import load_features
 from .training import device_name
 
-__all__ = ["INITIAL_MODES", "MIN_SPACING_3D", "ScanRegistration", "build_parser", "main", "register_scans"]
+__all__ = ["INITIAL_MODES", "MIN_SPACING_3D", "ScanRegistration", "build_parser", "main", "register_scans", "resample_to"]
 
 MIN_SPACING_3D = 2.0
 """The finest default isotropic spacing (mm) of 3D registration (Learn2Reg's abdominal CT task uses 2 mm)."""
@@ -108,6 +108,41 @@ class ScanRegistration:
     dice_after: torch.Tensor | None = None
 
 
+def resample_to(data: torch.Tensor, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int],
+                *, offset_mm: Sequence[float] | None = None, displacement_mm: torch.Tensor | None = None,
+                mode: str = "linear", padding: str = "zeros", slab: int = 16) -> torch.Tensor:
+    """Sample ``data`` [C, Z, Y, X] (grid ``affine``) at the world points of another grid.
+
+    Target voxel ``v`` reads ``data`` at the world point ``target_affine @ v + offset_mm + u(v)``
+    (``displacement_mm`` u: [3, Z', Y', X'], channels (x, y, z) in RAS mm on the target grid):
+    the pull warp in millimetres. ``mode``: "linear" or "nearest"; ``padding``: "zeros" or
+    "border" (outside ``data``). Computed in slabs of ``slab`` target slices (memory).
+
+    Returns:
+        [C, Z', Y', X'] in ``data``'s dtype (labels: pass them as float, round afterwards).
+    """
+    check_choice("mode", mode, ("linear", "nearest"))
+    device, (Z, Y, X) = data.device, tuple(int(n) for n in target_shape)
+    to_source = torch.as_tensor(np.linalg.inv(affine) @ target_affine, dtype=torch.float64, device=device)
+    rotation_inv = torch.as_tensor(np.linalg.inv(affine[:3, :3]), dtype=torch.float64, device=device)
+    offset = torch.as_tensor(np.zeros(3) if offset_mm is None else np.asarray(offset_mm, float), device=device)
+    sizes = torch.tensor(data.shape[1:][::-1], dtype=torch.float64, device=device)  # (X, Y, Z)
+    out = []
+    for z0 in range(0, Z, slab):
+        axes = [torch.arange(z0, min(z0 + slab, Z), device=device, dtype=torch.float64),
+                torch.arange(Y, device=device, dtype=torch.float64), torch.arange(X, device=device, dtype=torch.float64)]
+        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+        points = torch.stack([xx, yy, zz], dim=-1)  # [z, Y, X, 3] voxel (x, y, z)
+        source = points @ to_source[:3, :3].T + to_source[:3, 3] + rotation_inv @ offset
+        if displacement_mm is not None:
+            source = source + displacement_mm[:, z0:z0 + slab].permute(1, 2, 3, 0).double() @ rotation_inv.T
+        grid = (2 * source / (sizes - 1).clamp_min(1) - 1).to(data.dtype)[None]  # (x, y, z) in [-1, 1]
+        sampled = F.grid_sample(data[None], grid, mode="bilinear" if mode == "linear" else "nearest",
+                                padding_mode=padding, align_corners=True)
+        out.append(sampled[0])
+    return torch.cat(out, dim=1)
+
+
 def _initial_offset(fixed: Scan, moving: Scan, initial: str, window: Window) -> np.ndarray:
     """The translation (RAS mm) from the fixed scan's world to the moving one's (see :data:`INITIAL_MODES`)."""
     def centre(scan: Scan) -> np.ndarray:
@@ -130,7 +165,7 @@ def _register(fixed: torch.Tensor, moving: torch.Tensor, two_d: bool, features: 
               instance: bool) -> torch.Tensor:
     """The pull field (dy, dx) [2, H, W] or (dz, dy, dx) [3, Z, Y, X] in voxels of [Z, Y, X] windowed volumes."""
     size = fixed.shape[1:] if two_d else fixed.shape
-    multiple = FEATURE_STRIDE if two_d else DEFAULTS_3D["stride"]
+    multiple = FEATURE_STRIDE if two_d else DEFAULTS_3D.stride
     fixed = pad_to_multiple(fixed[0] if two_d else fixed, multiple, dims=len(size))[None, None]
     moving = pad_to_multiple(moving[0] if two_d else moving, multiple, dims=len(size))[None, None]
     if two_d:

@@ -34,6 +34,7 @@ __all__ = [
     "REGULARISATION_KEYS",
     "RegistrationDetails",
     "RegistrationSettings",
+    "SettingsBase",
     "cost_volume",
     "extract_features",
     "register_argmin",
@@ -48,8 +49,31 @@ REGULARISATION_KEYS = ("min_kernel", "avg_kernel", "min_order", "meanfield_kerne
 """The settings that :func:`~tutorial_utils.regularisation.regularise` takes."""
 
 
+class SettingsBase:
+    """What every frozen settings object shares (:class:`RegistrationSettings` and the 3D ones of
+    :mod:`~tutorial_utils.three_d`): ``replace`` with a clear error for an unknown name, ``as_dict``."""
+
+    def _store(self, checked: dict) -> None:
+        """Keep the checked values (plain Python numbers: numpy integers are accepted) in the frozen object."""
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: object):
+        """A copy with ``changes`` (names of the attributes above); an unknown name is an error."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"unknown registration setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """``{name: value}`` of every setting."""
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class RegistrationSettings:
+class RegistrationSettings(SettingsBase):
     """Every setting of :func:`register_images` that shapes its result, in one frozen object.
 
     Two instances come with the package: :data:`DEFAULTS` (this project's pipeline) and
@@ -103,21 +127,7 @@ class RegistrationSettings:
         check_choice("border", self.border, ("replicate", "zeros"))
         check_choice("upsample_mode", self.upsample_mode, ("bilinear", "bicubic"))
         check_choice("prealign", self.prealign, PREALIGN_MODES)
-        for name, value in checked.items():  # plain Python numbers (numpy integers are accepted)
-            object.__setattr__(self, name, value)
-
-    def replace(self, **changes: object) -> RegistrationSettings:
-        """A copy with ``changes`` (names of the attributes above); an unknown name is an error."""
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise TypeError(f"unknown registration setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(names)}")
-        return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> dict:
-        """``{name: value}`` of every setting."""
-        return dataclasses.asdict(self)
+        self._store(checked)
 
     def regularisation(self) -> dict:
         """The keyword arguments of :func:`~tutorial_utils.regularisation.regularise`."""
@@ -253,12 +263,32 @@ def _register_level(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_ra
     return cost, cost_reg, probabilities, displacement_low
 
 
-def _settings(settings: object, changes: dict) -> RegistrationSettings:
-    """``settings`` (a :class:`RegistrationSettings`) with ``changes``; a clear error for anything else."""
-    if not isinstance(settings, RegistrationSettings):
+def _prealigned_features(image_fixed: torch.Tensor, image_moving: torch.Tensor, features: Features,
+                         settings: RegistrationSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How every search here starts: the pre-alignment ``pre`` [B, 2, H, W] (image pixels) and the
+    features [B, C, h, w] of the fixed and of the pre-aligned moving image."""
+    pre = prealign_displacement(image_fixed, image_moving, settings.prealign)  # [B, 2, H, W]
+    moving = warp(image_moving, pre) if settings.prealign != "none" else image_moving
+    return pre, extract_features(image_fixed, features), extract_features(moving, features)
+
+
+def _to_image(displacement_low: torch.Tensor, pre: torch.Tensor, size: tuple[int, int],
+              settings: RegistrationSettings) -> torch.Tensor:
+    """A field [B, 2, h, w] in feature pixels upsampled to [B, 2, H, W] image pixels, after ``pre``."""
+    displacement = upsample_displacement(displacement_low, size, mode=settings.upsample_mode)
+    return compose_displacements(pre, displacement) if settings.prealign != "none" else displacement
+
+
+def _settings(settings: object, changes: dict, kind: type = RegistrationSettings,
+              examples: str = "DEFAULTS or DEFAULTS_2019") -> SettingsBase:
+    """``settings`` (a ``kind``, e.g. one of ``examples``) with ``changes``; a clear error for anything else.
+
+    Shared by :func:`register_images` and the 3D registrations (``kind`` their settings class).
+    """
+    if not isinstance(settings, kind):
         hint = (f"; to change the number of displacements write disp_range={settings}"
                 if isinstance(settings, int) and not isinstance(settings, bool) else "")
-        raise TypeError(f"settings must be a RegistrationSettings such as DEFAULTS or DEFAULTS_2019, got "
+        raise TypeError(f"settings must be a {kind.__name__} such as {examples}, got "
                         f"{describe(settings)} ({type(settings).__name__}){hint}")
     return settings.replace(**changes) if changes else settings
 
@@ -307,15 +337,10 @@ def register_images(
     if image_fixed.shape[0] > chunk_size:
         return _register_in_chunks(image_fixed, image_moving, features, settings, chunk_size, return_details)
     H, W = image_fixed.shape[-2:]
-    pre = prealign_displacement(image_fixed, image_moving, settings.prealign)  # [B, 2, H, W]
-    moving = warp(image_moving, pre) if settings.prealign != "none" else image_moving
-    feat_fixed = extract_features(image_fixed, features)  # [B, C, h, w]
-    feat_moving = extract_features(moving, features)  # [B, C, h, w]
+    pre, feat_fixed, feat_moving = _prealigned_features(image_fixed, image_moving, features, settings)
     cost, cost_reg, probabilities, displacement_low = _register_level(
         feat_fixed, feat_moving, settings.disp_range, settings)
-    displacement = upsample_displacement(displacement_low, (H, W), mode=settings.upsample_mode)  # [B, 2, H, W]
-    if settings.prealign != "none":
-        displacement = compose_displacements(pre, displacement)
+    displacement = _to_image(displacement_low, pre, (H, W), settings)  # [B, 2, H, W]
     if settings.refine_range is not None:
         feat_refined = extract_features(warp(image_moving, displacement), features)  # [B, C, h, w]
         *_, refined_low = _register_level(feat_fixed, feat_refined, settings.refine_range, settings)
@@ -347,13 +372,11 @@ def register_argmin(image_fixed: torch.Tensor, image_moving: torch.Tensor, featu
     """
     check_image_pair(image_fixed, image_moving, FEATURE_STRIDE)
     settings = _settings(settings, {})
-    pre = prealign_displacement(image_fixed, image_moving, settings.prealign)  # [B, 2, H, W]
-    moving = warp(image_moving, pre) if settings.prealign != "none" else image_moving
-    cost = cost_volume(extract_features(image_fixed, features), extract_features(moving, features),
-                       settings.disp_range, settings.normalise, settings.border)  # [B, D*D, h, w]
+    pre, feat_fixed, feat_moving = _prealigned_features(image_fixed, image_moving, features, settings)
+    cost = cost_volume(feat_fixed, feat_moving, settings.disp_range, settings.normalise,
+                       settings.border)  # [B, D*D, h, w]
     low = argmin_displacement(cost, settings.disp_range).to(image_fixed.dtype)  # [B, 2, h, w], feature pixels
-    displacement = upsample_displacement(low, image_fixed.shape[-2:], mode=settings.upsample_mode)
-    return compose_displacements(pre, displacement) if settings.prealign != "none" else displacement
+    return _to_image(low, pre, image_fixed.shape[-2:], settings)
 
 
 def _register_in_chunks(image_fixed: torch.Tensor, image_moving: torch.Tensor, features: Features,

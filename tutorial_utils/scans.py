@@ -35,7 +35,7 @@ from .data import Dataset
 from .phantom import WINDOW_HU
 
 __all__ = ["DEFAULT_WINDOW", "LPS", "Scan", "ScanError", "load_scan", "window_intensities", "check_same_grid",
-           "resample_scan", "resample_to", "slice_scan", "axial_slice", "dataset_from_scans", "dataset_from_folder",
+           "resample_scan", "slice_scan", "axial_slice", "dataset_from_scans", "dataset_from_folder",
            "scan_files", "pad_to_multiple",
            "displacement_to_mm", "displacement_to_voxels", "save_image", "save_labels", "save_displacement"]
 
@@ -199,41 +199,6 @@ def resample_scan(scan: Scan, spacing: float | Sequence[float]) -> Scan:
             data = data.index_select(dim, low) * (1 - weight) + data.index_select(dim, high) * weight
         affine[:3, 2 - dim] *= new / old
     return replace(scan, data=data.contiguous(), affine=affine)
-
-
-def resample_to(data: torch.Tensor, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int],
-                *, offset_mm: Sequence[float] | None = None, displacement_mm: torch.Tensor | None = None,
-                mode: str = "linear", padding: str = "zeros", slab: int = 16) -> torch.Tensor:
-    """Sample ``data`` [C, Z, Y, X] (grid ``affine``) at the world points of another grid.
-
-    Target voxel ``v`` reads ``data`` at the world point ``target_affine @ v + offset_mm + u(v)``
-    (``displacement_mm`` u: [3, Z', Y', X'], channels (x, y, z) in RAS mm on the target grid):
-    the pull warp in millimetres. ``mode``: "linear" or "nearest"; ``padding``: "zeros" or
-    "border" (outside ``data``). Computed in slabs of ``slab`` target slices (memory).
-
-    Returns:
-        [C, Z', Y', X'] in ``data``'s dtype (labels: pass them as float, round afterwards).
-    """
-    check_choice("mode", mode, ("linear", "nearest"))
-    device, (Z, Y, X) = data.device, tuple(int(n) for n in target_shape)
-    to_source = torch.as_tensor(np.linalg.inv(affine) @ target_affine, dtype=torch.float64, device=device)
-    rotation_inv = torch.as_tensor(np.linalg.inv(affine[:3, :3]), dtype=torch.float64, device=device)
-    offset = torch.as_tensor(np.zeros(3) if offset_mm is None else np.asarray(offset_mm, float), device=device)
-    sizes = torch.tensor(data.shape[1:][::-1], dtype=torch.float64, device=device)  # (X, Y, Z)
-    out = []
-    for z0 in range(0, Z, slab):
-        axes = [torch.arange(z0, min(z0 + slab, Z), device=device, dtype=torch.float64),
-                torch.arange(Y, device=device, dtype=torch.float64), torch.arange(X, device=device, dtype=torch.float64)]
-        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-        points = torch.stack([xx, yy, zz], dim=-1)  # [z, Y, X, 3] voxel (x, y, z)
-        source = points @ to_source[:3, :3].T + to_source[:3, 3] + rotation_inv @ offset
-        if displacement_mm is not None:
-            source = source + displacement_mm[:, z0:z0 + slab].permute(1, 2, 3, 0).double() @ rotation_inv.T
-        grid = (2 * source / (sizes - 1).clamp_min(1) - 1).to(data.dtype)[None]  # (x, y, z) in [-1, 1]
-        sampled = F.grid_sample(data[None], grid, mode="bilinear" if mode == "linear" else "nearest",
-                                padding_mode=padding, align_corners=True)
-        out.append(sampled[0])
-    return torch.cat(out, dim=1)
 
 
 def slice_scan(scan: Scan, index: int) -> Scan:

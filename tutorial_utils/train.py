@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import argument_type, check_choice, check_int, check_number, check_odd
+from .checks import check_int, check_odd
 from .data import Dataset, _check_dataset
 from .environment import choose_device
 from .evaluation import evaluate_registration
@@ -50,21 +50,23 @@ from .losses import _label_weights, _SharedMovingWarp, diffusion_penalty
 from .models import FeatureCNN
 from .offsets import displacement_offsets
 from .registration import cost_volume
-from .regularisation_fast import REG_KEYS, _check_reg, regularise_fast
+from .regularisation_fast import regularise_fast
 from .training import (
-    TRAINING_PREALIGN,
     LossHistory,
     _check_training,
+    _pipeline_settings,
     _prepare_training_data,
     _training_ids,
     add_run_arguments,
+    add_training_arguments,
+    check_run_arguments,
     load_state_dict,
-    non_negative_float,
     non_negative_int,
     odd_int,
     pipeline_defaults,
     positive_float,
     positive_int,
+    report_training,
     save_state_dict,
     seeded,
     train_loop,
@@ -223,21 +225,6 @@ def pair_loss(model: nn.Module, images: torch.Tensor, onehot: torch.Tensor, disp
 # =========================================================================== training
 
 
-def _pipeline_settings(alpha: float | None, border: str | None, prealign: str | None, reg: dict) -> tuple:
-    """``(alpha, border, prealign, reg)`` checked, with register_images' values where not given."""
-    defaults = pipeline_defaults()
-    alpha = check_number("alpha", defaults["alpha"] if alpha is None else alpha, 0, strict_minimum=True)
-    border = check_choice("border", defaults["border"] if border is None else border, ("replicate", "zeros"))
-    prealign = defaults["prealign"] if prealign == "default" else prealign
-    check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
-    unknown = sorted(set(reg) - set(REG_KEYS))
-    if unknown:
-        raise TypeError(f"train_features() got unexpected keyword arguments {unknown}")
-    reg = {**defaults["reg"], **reg}
-    _check_reg(*(reg[key] for key in REG_KEYS))
-    return alpha, border, prealign, reg
-
-
 def train_features(dataset: Dataset, num_pairs: int = DEFAULT_PAIRS, disp_range: int = 9, seed: int = 0,
                    device: str | torch.device | None = None, progress: bool = True, *, model: nn.Module | None = None,
                    lr: float = DEFAULTS["lr"], images_per_step: int = DEFAULTS["images_per_step"],
@@ -344,15 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=positive_int, default=DEFAULT_PAIRS,
                         help=f"training pairs (default {DEFAULT_PAIRS})")
     parser.add_argument("--out", type=Path, required=True, help="where to write the state_dict (.pt)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
     parser.add_argument("--disp-range", type=odd_int, default=DEFAULTS["disp_range"], help="D, odd (default 9)")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
-                        help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
-                        default=DEFAULTS["images_per_step"],
-                        help=f"slices per step, all their ordered pairs are used (default {DEFAULTS['images_per_step']})")
-    parser.add_argument("--diffusion-weight", type=non_negative_float, default=DEFAULTS["diffusion_weight"],
-                        help="weight of the diffusion penalty (default 0)")
+    add_training_arguments(parser, DEFAULTS)
     parser.add_argument("--label-weights", choices=["none", "balanced"],
                         default="none" if DEFAULTS["label_weights"] is None else DEFAULTS["label_weights"],
                         help="weights of the labels in the loss (default: as in DEFAULTS)")
@@ -390,10 +370,7 @@ def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dat
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out.is_dir():
-        parser.error(f"--out must be a file to write, but {args.out} is a folder")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # evaluation; training is told below
+    check_run_arguments(parser, args)
     dataset = _load_data(parser, args)
     print(f"data: {dataset}")
     model, history = train_features(
@@ -401,10 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress, lr=args.lr, images_per_step=args.images_per_step,
         diffusion_weight=args.diffusion_weight, threads=args.threads,
         label_weights=None if args.label_weights == "none" else args.label_weights)
-    path = save_features(model, args.out)
-    print(f"trained on {history.pairs} pairs in {history.seconds:.1f} s ({history.pairs_per_second:.1f} pairs/s), "
-          f"loss {history[0]:.4f} -> {sum(history[-5:]) / len(history[-5:]):.4f} (mean of the last 5 steps)")
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
+    report_training(history, save_features(model, args.out), last=5)
     if args.evaluate:
         before = evaluate_registration(dataset, None)
         after = evaluate_registration(dataset, model, disp_range=args.disp_range)

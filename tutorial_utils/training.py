@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import argument_type, check_finite, check_int, check_number, check_odd
+from .checks import argument_type, check_choice, check_finite, check_int, check_number, check_odd
 from .data import Dataset, _slice_ids
 from .environment import choose_device
 from .prealign import centre_of_mass_shift, moments_affine
 from .registration import DEFAULTS as REGISTRATION
 from .registration import FEATURE_STRIDE
-from .regularisation_fast import REG_KEYS
+from .regularisation_fast import REG_KEYS, _check_reg
 from .transform import affine_displacement, translation_displacement, warp
 
 __all__ = [
@@ -44,10 +44,13 @@ __all__ = [
     "TRAINING_PREALIGN",
     "LossHistory",
     "add_run_arguments",
+    "add_training_arguments",
+    "check_run_arguments",
     "cosine_lr",
     "device_name",
     "load_state_dict",
     "pipeline_defaults",
+    "report_training",
     "save_state_dict",
     "seeded",
     "train_loop",
@@ -130,6 +133,29 @@ def _check_training(seed: int, images_per_step: int, lr: float, diffusion_weight
     return (check_int("seed", seed), check_int("images_per_step", images_per_step, minimum=2),
             check_number("lr", lr, 0, strict_minimum=True), check_number("diffusion_weight", diffusion_weight, 0),
             None if threads is None else check_int("threads", threads, minimum=1))
+
+
+def _training_prealign(prealign: str | None) -> str | None:
+    """How the training slices are aligned, one of :data:`TRAINING_PREALIGN`'s keys; ``"default"``:
+    the pre-alignment of :func:`~tutorial_utils.registration.register_images` (:func:`pipeline_defaults`)."""
+    prealign = pipeline_defaults()["prealign"] if prealign == "default" else prealign
+    check_choice("prealign", prealign, tuple(TRAINING_PREALIGN))
+    return prealign
+
+
+def _pipeline_settings(alpha: float | None, border: str | None, prealign: str | None, reg: dict) -> tuple:
+    """``(alpha, border, prealign, reg)`` of the fixed blocks a feature CNN is trained through, checked,
+    with register_images' values (:func:`pipeline_defaults`) where not given."""
+    defaults = pipeline_defaults()
+    alpha = check_number("alpha", defaults["alpha"] if alpha is None else alpha, 0, strict_minimum=True)
+    border = check_choice("border", defaults["border"] if border is None else border, ("replicate", "zeros"))
+    prealign = _training_prealign(prealign)
+    unknown = sorted(set(reg) - set(REG_KEYS))
+    if unknown:
+        raise TypeError(f"train_features() got unexpected keyword arguments {unknown}")
+    reg = {**defaults["reg"], **reg}
+    _check_reg(*(reg[key] for key in REG_KEYS))
+    return alpha, border, prealign, reg
 
 
 def _prepare_training_data(dataset: Dataset, ids: Sequence[int], prealign: str | None, device: torch.device,
@@ -227,8 +253,8 @@ def train_loop(model: nn.Module, group_loss: Callable[[torch.Tensor], torch.Tens
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=LR_FLOOR * lr)
                  if schedule == "torch" else None)
     model.train()
-    bar = tqdm(total=steps * pairs_per_step if steps is not None else None, unit="pairs", disable=not progress,
-               desc=desc)
+    off = {} if progress else {"disable": True}  # progress=True leaves disable unset, so TQDM_DISABLE=1 still works
+    bar = tqdm(total=steps * pairs_per_step if steps is not None else None, unit="pairs", desc=desc, **off)
     running, step = None, 0
     with _cpu_settings(device, threads):
         start = time.perf_counter()
@@ -312,6 +338,19 @@ def device_name(text: str) -> str:
     return text
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """The hyper-parameters every training command shares, with the trainer's ``defaults``: seed,
+    learning rate, slices per step, diffusion weight."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the pairs (default 0)")
+    parser.add_argument("--lr", type=positive_float, default=defaults["lr"],
+                        help=f"Adam learning rate (default {defaults['lr']})")
+    parser.add_argument("--images-per-step", type=argument_type(check_int, minimum=2),
+                        default=defaults["images_per_step"],
+                        help=f"slices per step, all their ordered pairs are used (default {defaults['images_per_step']})")
+    parser.add_argument("--diffusion-weight", type=non_negative_float, default=defaults["diffusion_weight"],
+                        help=f"weight of the diffusion penalty (default {defaults['diffusion_weight']})")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every training command shares: device, data, threads, evaluation, progress bar."""
     parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if present)")
@@ -322,3 +361,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for training (default 1) and evaluation (default: torch's)")
     parser.add_argument("--evaluate", action="store_true", help="then print the test pairs' Dice and folding")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What every training command does first: refuse an ``--out`` that is a folder and give the
+    evaluation ``--threads`` threads (training is told them by ``threads=``)."""
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out must be a file to write, but {args.out} is a folder")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def report_training(history: LossHistory, path: Path, last: int) -> None:
+    """Print what a training command did: pairs, time, the loss from the first step to the mean of
+    the ``last`` steps, and the file it wrote."""
+    tail = history[-last:]
+    print(f"trained on {history.pairs} pairs in {history.seconds:.1f} s ({history.pairs_per_second:.1f} pairs/s), "
+          f"loss {history[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)")
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")

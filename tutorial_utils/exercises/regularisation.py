@@ -10,12 +10,21 @@
     def my_soft_displacement(cost, disp_range, alpha):
         ...  # [B, D*D, h, w] -> (probabilities [B, D*D, h, w], displacement [B, 2, h, w])
 
+``q3``: write the mean field over the image::
+
+    def my_mean_field(cost, kernel, passes):
+        ...  # [B, D*D, h, w] -> [B, D*D, h, w]: replication padding, ``passes`` average pools
+
 Each has ``check(fn)``, ``hint(level)``, ``solution()`` and ``use(fn, fallback)``. The
 checkers run the learner's function on small random cost volumes (non-square maps, several D)
 and compare with :mod:`tutorial_utils.regularisation`. When the values are wrong they try the
 usual mistakes one by one (lost or wrong padding, max instead of min, the wrong order of the
 poolings, pooling over the wrong dimensions; a softmax of +cost or over the wrong dimension,
 the displacement grid transposed or not centred) and name the one that explains the output.
+The checker of ``q3`` compares with a brute-force loop over the pixels (replication padding
+by clamped indices, every window mean written out) and names zero or reflection padding,
+padding before every pass, pooling over the displacements, a wrong number of passes or
+kernel size, and padding lost (the image shrinks).
 """
 
 from __future__ import annotations
@@ -25,24 +34,21 @@ import torch.nn.functional as F
 
 from ..offsets import displacement_offsets
 from ..regularisation import min_convolution, soft_displacement
+from ._checks import call_answer, check_cost_gradient, pooling_failed, worst_entry
+from ._checks import close as _close
+from ._checks import random_cost as _random_cost
 from ._core import Exercise, Incorrect
+from .mean_field import MeanFieldExercise, q3
+from .mean_field import _mean_field_loop as _mean_field_loop
+from .mean_field import _mean_field_variants as _mean_field_variants
+from .mean_field import _pools as _pools
 
-__all__ = ["MinConvolutionExercise", "SoftDisplacementExercise", "q1", "q2"]
+__all__ = ["MeanFieldExercise", "MinConvolutionExercise", "SoftDisplacementExercise", "q1", "q2", "q3"]
+# q3 has a module of its own (mean_field); it, and the helpers that were here before, are still
+# importable from here, where the notebook imports q1, q2 and q3
 
 MIN_KERNEL, AVG_KERNEL, PADDING = 3, 5, 5
 """The 2019 recipe the exercise asks for."""
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape
-            and torch.allclose(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol))
-
-
-def _random_cost(batch: int, disp_range: int, height: int, width: int, seed: int, requires_grad=False):
-    generator = torch.Generator().manual_seed(seed)
-    cost = torch.rand(batch, disp_range**2, height, width, generator=generator)  # float32, like SSD costs
-    return cost.requires_grad_(requires_grad)
-
 
 # --------------------------------------------------------------------------- q1: min-convolution
 
@@ -142,21 +148,16 @@ class MinConvolutionExercise(Exercise):
     cases = ((2, 9, 3, 4), (1, 5, 4, 3), (1, 13, 2, 3))
 
     def _call(self, answer, cost, disp_range):
-        try:
-            out = answer(cost, disp_range)
-        except NotImplementedError:
-            raise
-        except RuntimeError as exc:
-            if "too small" in str(exc) or "negative" in str(exc).lower():
-                raise Incorrect(
+        def explain(exc: RuntimeError) -> str | None:
+            if pooling_failed(exc):
+                return (
                     f"The padding was lost, so the D x D window shrank to nothing: for D = {disp_range} a "
                     f"pooling failed (PyTorch: {str(exc).strip()}). Each pooling with stride 1 shrinks the "
                     f"grid by kernel - 1 (3-1 + 5-1 + 5-1 = 10 in all): pad 5 on every side with replication "
-                    f"padding first, and use stride=1 in every pooling.") from None
-            raise
-        if not isinstance(out, torch.Tensor):
-            raise Incorrect(f"Your function should return a torch.Tensor, it returned {type(out).__name__}.")
-        return out
+                    f"padding first, and use stride=1 in every pooling.")
+            return None
+
+        return call_answer(answer, cost, disp_range, explain=explain)
 
     def _check_shape(self, out, cost, disp_range):
         B, K, h, w = cost.shape
@@ -182,8 +183,7 @@ class MinConvolutionExercise(Exercise):
             if _close(out, wrong):
                 raise Incorrect(message)
         expected = min_convolution(cost.double(), disp_range)
-        error = (out.detach().double() - expected).abs()
-        b, k, y, x = torch.nonzero(error == error.max())[0].tolist()
+        b, k, y, x = worst_entry(out, expected)
         r = (disp_range - 1) // 2
         raise Incorrect(
             f"Wrong values: e.g. at pixel (y, x) = ({y}, {x}) the displacement (dy, dx) = "
@@ -200,15 +200,7 @@ class MinConvolutionExercise(Exercise):
                 self._diagnose(out, cost, D)
         cost = _random_cost(1, 5, 3, 2, seed=99, requires_grad=True)
         out = self._call(answer, cost, 5)
-        if out.grad_fn is None:
-            raise Incorrect("Not differentiable: the output has no gradient (grad_fn is None). Avoid .detach(), "
-                            "torch.no_grad() and NumPy; use torch operations on the input.")
-        (grad,) = torch.autograd.grad(out.sum(), cost)
-        ref_cost = cost.detach().clone().requires_grad_(True)
-        (grad_ref,) = torch.autograd.grad(min_convolution(ref_cost, 5).sum(), ref_cost)
-        if not _close(grad, grad_ref):
-            raise Incorrect("The values are right but the gradient is not: something in your function is not "
-                            "differentiable (an in-place change or a detached copy?).")
+        check_cost_gradient(out, cost, lambda c: min_convolution(c, 5))
 
 
 # --------------------------------------------------------------------------- q2: soft arg-min

@@ -11,7 +11,7 @@ voxels. One module per idea, mirroring the 2D modules; import from them directly
 * :mod:`~tutorial_utils.three_d.transform` -- warping volumes and label volumes, resizing fields;
 * :mod:`~tutorial_utils.three_d.features` -- 3D intensity features and MIND-SSC;
 * :mod:`~tutorial_utils.three_d.metrics` -- Jacobian determinant and folding of 3D fields;
-* :mod:`~tutorial_utils.three_d.registration` -- ``register_volumes`` and its defaults;
+* :mod:`~tutorial_utils.three_d.registration` -- ``register_volumes`` and its settings (``DEFAULTS_3D``);
 * :mod:`~tutorial_utils.three_d.sparse` -- the pdd_net variant: control points, a sampled
   displacement cube, ``register_volumes_sparse``.
 

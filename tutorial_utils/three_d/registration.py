@@ -6,7 +6,8 @@ one dimension up. Volumes [B, 1, Z, Y, X] float in [0, 1]; displacement [B, 3, Z
 :func:`register_volumes` computes features at 1/stride, a D x D x D cost volume
 (:mod:`~tutorial_utils.three_d.correlation`), min-convolution over the displacement cube and
 mean field over the volume (:mod:`~tutorial_utils.three_d.regularisation`), the soft arg-min,
-and upsamples it trilinearly; :data:`DEFAULTS_3D` are its defaults. The pdd_net variant
+and upsamples it trilinearly; its settings are one frozen :class:`RegistrationSettings3d`,
+:data:`DEFAULTS_3D` unless told otherwise. The pdd_net variant
 (costs only at control points, for a sampled displacement cube) is
 :func:`~tutorial_utils.three_d.sparse.register_volumes_sparse`.
 """
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int, check_number, check_odd, check_volume_pair
-from ..registration import Features
+from ..checks import check_choice, check_int, check_number, check_odd, check_volume_pair
+from ..registration import Features, SettingsBase, _settings
 from ..regularisation import normalise_cost
 from .correlation import correlation3d
 from .features import intensity_features3d, mind_features3d
@@ -29,15 +30,77 @@ from .transform import upsample_displacement3d
 __all__ = [
     "DEFAULTS_3D",
     "RegistrationDetails3d",
+    "RegistrationSettings3d",
+    "Settings3d",
     "cost_volume3d",
     "extract_features3d",
     "register_volumes",
 ]
 
-DEFAULTS_3D: dict = {
-    "disp_range": 7, "stride": 2, "min_kernel": 3, "avg_kernel": 3, "avg_passes": 2, "meanfield_kernel": 3,
-    "meanfield_passes": 3, "meanfield_iterations": 1, "alpha": 100.0,
-}
+
+@dataclass(frozen=True)
+class Settings3d(SettingsBase):
+    """The settings both 3D registrations share (:class:`RegistrationSettings3d` and
+    :class:`~tutorial_utils.three_d.sparse.SparseSettings3d`), checked when the object is made.
+
+    Attributes:
+        disp_range: D, odd: displacements of +-(D-1)/2 feature voxels = +-stride*(D-1)/2 voxels per axis.
+        stride: the feature volumes' downsampling factor (voxels per feature voxel, e.g. 2 or 4); the
+            volumes' sizes must be divisible by it.
+        min_kernel, avg_kernel, avg_passes: the min-convolution over each voxel's displacement cube
+            (:func:`~tutorial_utils.three_d.regularisation.min_convolution3d`): a ``min_kernel``^3
+            min-pooling (odd, in displacement steps) and ``avg_passes`` average poolings of
+            ``avg_kernel``^3.
+        meanfield_kernel, meanfield_passes, meanfield_iterations: the mean field over the volume
+            (:func:`~tutorial_utils.three_d.regularisation.mean_field3d`): ``meanfield_passes``
+            average poolings of ``meanfield_kernel``^3 (odd, in feature voxels or grid steps);
+            min-convolution and mean field run ``meanfield_iterations`` times.
+        alpha: the soft arg-min's sharpness (> 0, per unit of normalised cost): ``softmax(-alpha * cost)``.
+        normalise: divide the costs by their mean per pair.
+    """
+
+    disp_range: int = 7
+    stride: int = 2
+    min_kernel: int = 3
+    avg_kernel: int = 3
+    avg_passes: int = 2
+    meanfield_kernel: int = 3
+    meanfield_passes: int = 3
+    meanfield_iterations: int = 1
+    alpha: float = 100.0
+    normalise: bool = True
+
+    def __post_init__(self) -> None:
+        checked = {name: check_odd(name, getattr(self, name))
+                   for name in ("disp_range", "min_kernel", "avg_kernel", "meanfield_kernel")}
+        checked["stride"] = check_int("stride", self.stride, minimum=1)
+        checked.update({name: check_int(name, getattr(self, name), minimum=0)
+                        for name in ("avg_passes", "meanfield_passes", "meanfield_iterations")})
+        checked["alpha"] = check_number("alpha", self.alpha, 0, strict_minimum=True)
+        check_choice("normalise", self.normalise, (True, False))
+        self._store(checked)
+
+
+@dataclass(frozen=True)
+class RegistrationSettings3d(Settings3d):
+    """Every setting of :func:`register_volumes` that shapes its result, in one frozen object.
+
+    :data:`DEFAULTS_3D` is the one that comes with the package; ``DEFAULTS_3D.replace(disp_range=9)``
+    is a copy with one setting changed. The attributes of :class:`Settings3d`, and
+
+    Attributes:
+        border: how the moving features continue beyond the volume: "replicate" or "zeros"
+            (:func:`cost_volume3d`).
+    """
+
+    border: str = "replicate"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("border", self.border, ("replicate", "zeros"))
+
+
+DEFAULTS_3D = RegistrationSettings3d()
 """Defaults of :func:`register_volumes`, chosen on the phantom pair ``make_phantom_volume(2, seed=1)``
 (mean Dice and folding; seed 0 is kept for reporting)."""
 
@@ -61,15 +124,6 @@ class RegistrationDetails3d:
     stride: int
     disp_range: int
     points: torch.Tensor | None = None  # [P, 3] control points (sparse only)
-
-
-def _check_volumes(volume_fixed: torch.Tensor, volume_moving: torch.Tensor, stride: int) -> int:
-    """Volumes [B, 1, Z, Y, X]: floating point, finite, same shape and device, sizes divisible by ``stride``.
-
-    Returns ``stride`` as an int."""
-    stride = check_int("stride", stride, minimum=1)
-    check_volume_pair(volume_fixed, volume_moving, stride)
-    return stride
 
 
 def extract_features3d(volume: torch.Tensor, features: Features = "mind", stride: int = 2) -> torch.Tensor:
@@ -121,29 +175,14 @@ def cost_volume3d(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, disp_rang
     return normalise_cost(cost.flatten(3)).view_as(cost) if normalise else cost
 
 
-def _check_common3d(disp_range: int, alpha: float, meanfield_iterations: int) -> tuple[int, float, int]:
-    """The hyper-parameters both 3D registrations share, as (int, float, int)."""
-    return (check_odd("disp_range", disp_range), check_number("alpha", alpha, 0, strict_minimum=True),
-            check_int("meanfield_iterations", meanfield_iterations, minimum=0))
-
-
 def register_volumes(
     volume_fixed: torch.Tensor,
     volume_moving: torch.Tensor,
     features: Features = "mind",
-    disp_range: int = DEFAULTS_3D["disp_range"],
-    stride: int = DEFAULTS_3D["stride"],
+    settings: RegistrationSettings3d = DEFAULTS_3D,
     *,
-    min_kernel: int = DEFAULTS_3D["min_kernel"],
-    avg_kernel: int = DEFAULTS_3D["avg_kernel"],
-    avg_passes: int = DEFAULTS_3D["avg_passes"],
-    meanfield_kernel: int = DEFAULTS_3D["meanfield_kernel"],
-    meanfield_passes: int = DEFAULTS_3D["meanfield_passes"],
-    meanfield_iterations: int = DEFAULTS_3D["meanfield_iterations"],
-    alpha: float = DEFAULTS_3D["alpha"],
-    normalise: bool = True,
-    border: str = "replicate",
     return_details: bool = False,
+    **changes: object,
 ) -> torch.Tensor | tuple[torch.Tensor, RegistrationDetails3d]:
     """Register ``volume_moving`` to ``volume_fixed`` with dense discrete optimisation in 3D.
 
@@ -156,22 +195,27 @@ def register_volumes(
 
     Args:
         volume_fixed, volume_moving: [B, 1, Z, Y, X] float in [0, 1]; Z, Y, X divisible by stride.
-        disp_range: D, odd: +-(D-1)/2 feature voxels = +-stride*(D-1)/2 voxels.
-        stride: the feature volumes' downsampling factor (2 or 4).
+        features: see :func:`extract_features3d`.
+        settings: a :class:`RegistrationSettings3d`: :data:`DEFAULTS_3D` or your own.
+        return_details: also return a :class:`RegistrationDetails3d`.
+        changes: any setting by name, changed for this call, e.g. ``disp_range=9`` or ``stride=4``
+            (``settings.replace(**changes)``).
 
     Returns:
         displacement [B, 3, Z, Y, X] (dz, dy, dx) in voxels, such that
         ``warp3d(volume_moving, displacement)`` is aligned with ``volume_fixed``; with
         ``return_details`` the tuple ``(displacement, RegistrationDetails3d)``.
     """
-    stride = _check_volumes(volume_fixed, volume_moving, stride)
-    disp_range, alpha, meanfield_iterations = _check_common3d(disp_range, alpha, meanfield_iterations)
+    settings = _settings(settings, changes, RegistrationSettings3d, "DEFAULTS_3D")
+    check_volume_pair(volume_fixed, volume_moving, settings.stride)
+    stride, disp_range = settings.stride, settings.disp_range
     feat_fixed = extract_features3d(volume_fixed, features, stride)  # [B, C, d, h, w]
     feat_moving = extract_features3d(volume_moving, features, stride)
-    cost = cost_volume3d(feat_fixed, feat_moving, disp_range, normalise, border)  # [B, D**3, d, h, w]
-    cost_reg = regularise3d(cost, disp_range, min_kernel, avg_kernel, avg_passes, meanfield_kernel,
-                            meanfield_passes, meanfield_iterations)
-    probabilities, displacement_low = soft_displacement3d(cost_reg, disp_range, alpha)  # [B, 3, d, h, w]
+    cost = cost_volume3d(feat_fixed, feat_moving, disp_range, settings.normalise,
+                         settings.border)  # [B, D**3, d, h, w]
+    cost_reg = regularise3d(cost, disp_range, settings.min_kernel, settings.avg_kernel, settings.avg_passes,
+                            settings.meanfield_kernel, settings.meanfield_passes, settings.meanfield_iterations)
+    probabilities, displacement_low = soft_displacement3d(cost_reg, disp_range, settings.alpha)  # [B, 3, d, h, w]
     displacement = upsample_displacement3d(displacement_low, volume_fixed.shape[-3:])
     if not return_details:
         return displacement

@@ -7,22 +7,32 @@ the image) and a displacement cube sampled with a step larger than a voxel
 :class:`SparseCost` --, regularises them on that sparse representation (min-convolution over
 the displacement cube, mean field over the control-point grid, from
 :mod:`~tutorial_utils.three_d.regularisation`), and interpolates the soft arg-min back to a
-dense field: :func:`register_volumes_sparse`, with the defaults :data:`DEFAULTS_SPARSE_3D`.
+dense field: :func:`register_volumes_sparse`, with a :class:`SparseSettings3d`, by default
+:data:`DEFAULTS_SPARSE_3D`.
 The dense version is :func:`~tutorial_utils.three_d.registration.register_volumes`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_choice, check_int, check_odd, check_tensor, describe
+from ..checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_odd,
+    check_tensor,
+    check_volume_pair,
+    describe,
+)
 from ..correlation import METRICS, check_inputs
-from ..registration import Features
+from ..registration import Features, _settings
 from ..regularisation import normalise_cost
-from .registration import RegistrationDetails3d, _check_common3d, _check_volumes, extract_features3d
+from .registration import RegistrationDetails3d, Settings3d, extract_features3d
 from .regularisation import (
     mean_field3d,
     min_convolution3d,
@@ -34,17 +44,45 @@ from .transform import interpolate_control_field3d, upsample_displacement3d
 __all__ = [
     "DEFAULTS_SPARSE_3D",
     "SparseCost",
+    "SparseSettings3d",
     "control_points3d",
     "displacement_cube",
     "register_volumes_sparse",
     "sparse_correlation3d",
 ]
 
-DEFAULTS_SPARSE_3D: dict = {
-    "disp_range": 7, "stride": 2, "grid_step": 2, "disp_step": 1, "min_kernel": 3, "avg_kernel": 3,
-    "avg_passes": 1, "meanfield_kernel": 3, "meanfield_passes": 1, "meanfield_iterations": 1, "alpha": 100.0,
-    "lam": 0.5,
-}
+@dataclass(frozen=True)
+class SparseSettings3d(Settings3d):
+    """Every setting of :func:`register_volumes_sparse` that shapes its result, in one frozen object.
+
+    :data:`DEFAULTS_SPARSE_3D` is the one that comes with the package;
+    ``DEFAULTS_SPARSE_3D.replace(disp_step=2, disp_range=9)`` is a copy with two settings changed.
+    The attributes of :class:`~tutorial_utils.three_d.registration.Settings3d` (the min-convolution's
+    kernels counted in steps of the sampled displacement cube, the mean field's in control-point
+    grid steps; the moving features always continue with their edge values), and
+
+    Attributes:
+        grid_step: control points every ``grid_step`` feature voxels per axis (:func:`control_points3d`).
+        disp_step: the displacement cube {-r..r}^3 sampled every ``disp_step`` feature voxels
+            (:func:`displacement_cube`).
+        lam: the curvature (per feature voxel^2, >= 0) of the exact min-convolution, used only
+            for given ``offsets`` that are not a cube.
+    """
+
+    avg_passes: int = 1
+    meanfield_passes: int = 1
+    grid_step: int = 2
+    disp_step: int = 1
+    lam: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store({"grid_step": check_int("grid_step", self.grid_step, minimum=1),
+                     "disp_step": check_int("disp_step", self.disp_step, minimum=1),
+                     "lam": check_number("lam", self.lam, minimum=0)})
+
+
+DEFAULTS_SPARSE_3D = SparseSettings3d()
 """Defaults of :func:`register_volumes_sparse`, chosen like
 :data:`~tutorial_utils.three_d.registration.DEFAULTS_3D`; ``lam`` is only used for displacement
 sets that are not a cube. On the phantom volumes (4.8 mm voxels, features at 9.6 mm) sampling
@@ -199,22 +237,11 @@ def register_volumes_sparse(
     volume_fixed: torch.Tensor,
     volume_moving: torch.Tensor,
     features: Features = "mind",
-    disp_range: int = DEFAULTS_SPARSE_3D["disp_range"],
-    stride: int = DEFAULTS_SPARSE_3D["stride"],
-    grid_step: int = DEFAULTS_SPARSE_3D["grid_step"],
-    disp_step: int = DEFAULTS_SPARSE_3D["disp_step"],
-    offsets: torch.Tensor | None = None,
+    settings: SparseSettings3d = DEFAULTS_SPARSE_3D,
     *,
-    min_kernel: int = DEFAULTS_SPARSE_3D["min_kernel"],
-    avg_kernel: int = DEFAULTS_SPARSE_3D["avg_kernel"],
-    avg_passes: int = DEFAULTS_SPARSE_3D["avg_passes"],
-    meanfield_kernel: int = DEFAULTS_SPARSE_3D["meanfield_kernel"],
-    meanfield_passes: int = DEFAULTS_SPARSE_3D["meanfield_passes"],
-    meanfield_iterations: int = DEFAULTS_SPARSE_3D["meanfield_iterations"],
-    alpha: float = DEFAULTS_SPARSE_3D["alpha"],
-    lam: float = DEFAULTS_SPARSE_3D["lam"],
-    normalise: bool = True,
+    offsets: torch.Tensor | None = None,
     return_details: bool = False,
+    **changes: object,
 ) -> torch.Tensor | tuple[torch.Tensor, RegistrationDetails3d]:
     """The pdd_net recipe: discrete registration on a sparse grid with sampled displacements.
 
@@ -237,31 +264,43 @@ def register_volumes_sparse(
     :func:`~tutorial_utils.three_d.registration.register_volumes` (up to rounding). The search
     evaluates ``K * P`` costs instead of ``D**3 * d*h*w`` (``benchmarks.three_d.cost_3d``).
 
+    Args:
+        volume_fixed, volume_moving: [B, 1, Z, Y, X] float in [0, 1]; Z, Y, X divisible by stride.
+        features: see :func:`~tutorial_utils.three_d.registration.extract_features3d`.
+        settings: a :class:`SparseSettings3d`: :data:`DEFAULTS_SPARSE_3D` or your own.
+        offsets: optional [K, 3] integer displacements (dz, dy, dx) in feature voxels within
+            {-r..r}^3 instead of the sampled cube (see :func:`sparse_correlation3d`).
+        return_details: also return a
+            :class:`~tutorial_utils.three_d.registration.RegistrationDetails3d`.
+        changes: any setting by name, changed for this call, e.g. ``disp_step=2, disp_range=9``
+            (``settings.replace(**changes)``).
+
     Returns:
         displacement [B, 3, Z, Y, X] (dz, dy, dx) in voxels (and details with ``return_details``).
     """
-    stride = _check_volumes(volume_fixed, volume_moving, stride)
-    disp_range, alpha, meanfield_iterations = _check_common3d(disp_range, alpha, meanfield_iterations)
+    settings = _settings(settings, changes, SparseSettings3d, "DEFAULTS_SPARSE_3D")
+    check_volume_pair(volume_fixed, volume_moving, settings.stride)
+    stride, disp_range, grid_step = settings.stride, settings.disp_range, settings.grid_step
     feat_fixed = extract_features3d(volume_fixed, features, stride)  # [B, C, d, h, w]
     feat_moving = extract_features3d(volume_moving, features, stride)
     d, h, w = feat_fixed.shape[-3:]
     sparse = sparse_correlation3d(feat_fixed, feat_moving, disp_range, grid_step=grid_step,
-                                  disp_step=disp_step, offsets=offsets, border="replicate")
+                                  disp_step=settings.disp_step, offsets=offsets, border="replicate")
     B, K = sparse.cost.shape[:2]
     cost = sparse.cost.view(B, K, *sparse.grid_shape)  # [B, K, gz, gy, gx]
-    if normalise:
+    if settings.normalise:
         cost = normalise_cost(cost.flatten(3)).view_as(cost)
     disp_offsets = sparse.offsets.to(cost.dtype)  # [K, 3]
     cube = offsets is None
     side = round(K ** (1 / 3))
     belief = cost
-    for _ in range(meanfield_iterations):
+    for _ in range(settings.meanfield_iterations):
         if cube:
-            belief = min_convolution3d(belief, side, min_kernel, avg_kernel, avg_passes)
+            belief = min_convolution3d(belief, side, settings.min_kernel, settings.avg_kernel, settings.avg_passes)
         else:
-            belief = min_convolution_sparse(belief, disp_offsets, lam)
-        belief = mean_field3d(belief, meanfield_kernel, meanfield_passes)
-    probabilities, field = soft_displacement_sparse(belief, disp_offsets, alpha)  # [B, 3, gz, gy, gx]
+            belief = min_convolution_sparse(belief, disp_offsets, settings.lam)
+        belief = mean_field3d(belief, settings.meanfield_kernel, settings.meanfield_passes)
+    probabilities, field = soft_displacement_sparse(belief, disp_offsets, settings.alpha)  # [B, 3, gz, gy, gx]
     first = tuple(sparse.points[0].tolist())  # the control point (0, 0, 0), see control_points3d
     displacement_low = interpolate_control_field3d(field, (d, h, w), grid_step, first)
     displacement = upsample_displacement3d(displacement_low, volume_fixed.shape[-3:])
